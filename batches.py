@@ -1,0 +1,62 @@
+"""
+Token data on disk (data/<dataset>/{train,val}.bin written by prepare.py) and random batches from it.
+Shared by train.py and bench.py. Batches come from an explicit torch.Generator, so a run's sequence of
+batches depends only on that generator's state (saved in checkpoints for bit-exact resume).
+"""
+import os
+
+import numpy as np
+import torch
+
+from common import UserError
+from tokenizer import load_meta, prepare_command
+
+
+class TokenData:
+    def __init__(self, data_root, dataset, block_size):
+        self.dir = os.path.join(data_root, dataset)
+        if not os.path.isdir(self.dir):
+            raise UserError(f"dataset folder {self.dir} not found; create it with: {prepare_command(dataset)}")
+        self.meta = load_meta(self.dir)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.block_size = block_size
+        self.sizes = {}
+        for split in ("train", "val"):
+            path = self.path(split)
+            if not os.path.isfile(path):
+                raise UserError(f"{path} not found; create it with: {prepare_command(dataset)}")
+            nbytes = os.path.getsize(path)
+            if nbytes % self.dtype.itemsize:
+                raise UserError(f"{path} has {nbytes} bytes, not a whole number of {self.meta['dtype']} tokens "
+                                f"(the file is damaged; rerun: {prepare_command(dataset)})")
+            n = nbytes // self.dtype.itemsize
+            if n <= block_size:
+                raise UserError(f"{path} has {n} tokens, too few for block_size={block_size} "
+                                f"(use a smaller --block_size or more data)")
+            self.sizes[split] = n
+        # one cheap pass over the largest id catches data tokenized with another vocabulary
+        for split in ("train", "val"):
+            top = int(self.memmap(split).max())
+            if top >= self.meta["vocab_size"]:
+                raise UserError(f"{self.path(split)} holds token id {top} but meta.json says vocab_size="
+                                f"{self.meta['vocab_size']} (data and meta come from different runs of prepare.py; "
+                                f"rerun: {prepare_command(dataset)})")
+
+    def path(self, split):
+        return os.path.join(self.dir, f"{split}.bin")
+
+    def memmap(self, split):
+        # a fresh memmap per batch, as in nanoGPT, avoids a slow memory leak of long-lived memmaps
+        return np.memmap(self.path(split), dtype=self.dtype, mode="r")
+
+    def get_batch(self, split, batch_size, generator, device):
+        """x, y: (batch_size, block_size) int64 inputs and next-token targets at random offsets."""
+        data = self.memmap(split)
+        T = self.block_size
+        ix = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
+        if device.startswith("cuda"):
+            # pinned memory lets the copy to the GPU overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)

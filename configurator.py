@@ -1,0 +1,75 @@
+"""
+Config parsing shared by train.py, sample.py and bench.py, with nanoGPT's semantics:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Positional arguments are Python files exec'd in order (they assign module-level names such as
+`batch_size = 32`); then every `--key=value` is parsed with ast.literal_eval (falling back to a plain
+string). Unlike nanoGPT, mistakes are reported as one readable line instead of a bare assert:
+unknown keys come with a suggestion, and a value must have the type of the key's default.
+"""
+import ast
+import difflib
+import os
+
+from common import UserError
+
+PLAIN_TYPES = (int, float, bool, str, type(None))
+
+
+def _suggest(key, known):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check(key, value, defaults, where):
+    """Reject unknown keys and values whose type differs from the default's (int for float is fine)."""
+    if key not in defaults:
+        raise UserError(f"unknown config key '{key}' in {where}{_suggest(key, list(defaults))}")
+    default = defaults[key]
+    if default is None:
+        return value  # optional settings take any plain value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if type(value) is not type(default):
+        raise UserError(f"config key '{key}' in {where} expects {type(default).__name__} "
+                        f"(default {default!r}) but got {type(value).__name__} {value!r}")
+    return value
+
+
+def _exec_config_file(path, config, defaults):
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' not found (positional arguments are config files, "
+                        f"overrides are written --key=value)")
+    with open(path) as f:
+        source = f.read()
+    scope = dict(config)
+    try:
+        exec(compile(source, path, "exec"), scope)
+    except Exception as e:  # a config file is user code: report what it raised, where, in one line
+        raise UserError(f"config file '{path}' raised {type(e).__name__}: {e}") from None
+    for key, value in scope.items():
+        # modules, functions and _private helpers a config file defines are not settings
+        if key.startswith("_") or not isinstance(value, PLAIN_TYPES):
+            continue
+        config[key] = _check(key, value, defaults, f"config file '{path}'")
+
+
+def parse_args(defaults, argv):
+    """Return a new dict: defaults, updated by each config file and --key=value in argv, in order."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            _exec_config_file(arg, config, defaults)
+            continue
+        if "=" not in arg:
+            raise UserError(f"'{arg}' has no value: write overrides as --key=value (e.g. --batch_size=32)")
+        key, raw = arg[2:].split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (SyntaxError, ValueError):
+            value = raw  # a bare word such as --device=cpu is a string
+        if not isinstance(value, PLAIN_TYPES):
+            raise UserError(f"config key '{key}': value {raw!r} is not a plain int, float, bool, string or None")
+        config[key] = _check(key, value, defaults, f"'{arg}'")
+    return config

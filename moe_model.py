@@ -1,0 +1,216 @@
+"""
+Mixture-of-Experts GPT. MoEGPT subclasses GPT and changes only what differs: chosen layers get an MoE
+feed-forward block (a router + n_experts expert MLPs) instead of the dense MLP, and the model reports two
+extra losses that keep the router healthy:
+
+- balance loss (Switch Transformer), per MoE layer:  E * sum_i f_i * P_i
+    f_i = fraction of the layer's top-k assignments that go to expert i   (sum_i f_i = 1)
+    P_i = mean over tokens of the full softmax probability of expert i    (before any top-k renormalising)
+  It is 1.0 when routing is perfectly balanced and E when every token goes to one expert. We average it
+  over MoE layers (instead of pooling all layers' counts) so one layer's imbalance cannot hide another's.
+- router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, averaged over MoE layers; it
+  keeps the logits small, which keeps the float32 softmax well conditioned.
+
+Expert weights are stacked into (E, ...) tensors. Two implementations read them:
+- 'loop': the reference. For each expert: gather its tokens, run its MLP, scale by the routing weight,
+  scatter-add into the output. Easy to read and to check.
+- 'grouped': sort assignments by expert and run every expert in one grouped matrix multiply per
+  projection, with static shapes (torch.compile(fullgraph=True) works). Tested equal to 'loop'.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError
+from model import GPT, MLP, GPTConfig, mlp_hidden_size
+
+
+@dataclass
+class MoEConfig(GPTConfig):
+    n_experts: int = 8
+    moe_top_k: int = 2  # experts per token
+    moe_every: int = 1  # MoE in every N-th layer: 1 = all layers, 2 = every other one starting with the second
+    expert_hidden: int = None  # hidden size of each expert (None = the dense MLP's: 4 * n_embd for GELU)
+    n_shared_experts: int = 0  # always-on experts every token goes through (DeepSeekMoE)
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    capacity_factor: float = 0.0  # 0 = dropless; > 0: each expert serves at most ceil(k*T/E * factor) tokens
+    moe_renorm: bool = True  # renormalise the top-k routing weights to sum to 1
+    router_jitter: float = 0.0  # training only: multiply router inputs by U(1-eps, 1+eps) (Switch)
+    moe_impl: str = "auto"  # 'loop' (reference), 'grouped' (fast), 'auto' = grouped
+
+    def validate(self):
+        super().validate()
+        if self.n_experts < 1:
+            raise UserError(f"n_experts must be at least 1 for an MoE model, got {self.n_experts}")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.moe_every < 1:
+            raise UserError(f"moe_every must be at least 1, got {self.moe_every}")
+        if self.capacity_factor < 0:
+            raise UserError(f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        if self.moe_impl not in ("auto", "loop", "grouped"):
+            raise UserError(f"moe_impl={self.moe_impl!r} is not one of auto, loop, grouped")
+
+    def is_moe_layer(self, layer_idx):
+        return (layer_idx + 1) % self.moe_every == 0
+
+    def hidden(self):
+        return self.expert_hidden or mlp_hidden_size(self)
+
+
+class Router(nn.Module):
+    """Scores every expert for every token, in float32 even under autocast (the softmax is sensitive)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, D), no bias
+        self.jitter = config.router_jitter
+
+    def forward(self, x_TD):
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.weight.float())  # (T, E) logits
+
+
+class Experts(nn.Module):
+    """n_experts MLPs with their weights stacked: c_fc (E, F or 2F, D) and c_proj (E, D, F), laid out like
+    nn.Linear weights (out, in) so a dense MLP's weights copy straight in (sparse upcycling)."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, D, F_ = config.n_experts, config.n_embd, config.hidden()
+        self.swiglu = config.mlp == "swiglu"
+        fc_out = 2 * F_ if self.swiglu else F_
+        self.c_fc = nn.Parameter(torch.randn(E, fc_out, D) * 0.02)
+        # residual-stream projections get GPT-2's 1/sqrt(2 * n_layer) scaled init
+        self.c_proj = nn.Parameter(torch.randn(E, D, F_) * 0.02 / math.sqrt(2 * config.n_layer))
+        self.c_fc_bias = nn.Parameter(torch.zeros(E, fc_out)) if config.bias else None
+        self.c_proj_bias = nn.Parameter(torch.zeros(E, D)) if config.bias else None
+
+    def activation(self, h):
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def expert_mlp(self, e, x):
+        """Expert e's MLP on x (n, D) -> (n, D)."""
+        b_fc = self.c_fc_bias[e] if self.c_fc_bias is not None else None
+        b_proj = self.c_proj_bias[e] if self.c_proj_bias is not None else None
+        return F.linear(self.activation(F.linear(x, self.c_fc[e], b_fc)), self.c_proj[e], b_proj)
+
+    def forward_loop(self, x_TD, expert_TK, weight_TK):
+        """Reference: one expert at a time. weight_TK is 0 for assignments dropped by capacity."""
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        for e in range(self.c_fc.size(0)):
+            token_idx, slot = torch.where((expert_TK == e) & (weight_TK > 0))
+            # an expert with no tokens still runs (on zero rows), so all its parameters get a gradient
+            out = self.expert_mlp(e, x_TD[token_idx])  # (n_e, D)
+            y_TD.index_add_(0, token_idx, out.float() * weight_TK[token_idx, slot].unsqueeze(1))
+        return y_TD.to(x_TD.dtype)
+
+
+class MoE(nn.Module):
+    """Router + experts (+ shared experts): the feed-forward block of an MoE layer. After each forward,
+    self.stats holds this layer's balance loss, z-loss, per-expert load and dropped fraction."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.shared = None
+        if config.n_shared_experts > 0:
+            self.shared = SharedExperts(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.stats = {}
+
+    def route(self, x_TD):
+        """-> logits (T, E) fp32, probs (T, E), chosen experts (T, K), routing weights (T, K) fp32."""
+        logits_TE = self.router(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weight_TK, expert_TK = probs_TE.topk(self.config.moe_top_k, dim=-1)
+        if self.config.moe_renorm:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, expert_TK, weight_TK
+
+    def capacity_mask(self, expert_TK):
+        """True for the assignments an expert serves under the capacity limit. All top-1 choices queue
+        before any top-2 choice, so a token loses its second expert before anyone loses their first."""
+        T, K = expert_TK.shape
+        E = self.config.n_experts
+        capacity = math.ceil(K * T / E * self.config.capacity_factor)
+        onehot_KTE = F.one_hot(expert_TK.t(), E)  # (K, T, E), slot-major: top-1 of all tokens first
+        position_KTE = onehot_KTE.flatten(0, 1).cumsum(0).view(K, T, E) - 1  # place in its expert's queue
+        position_TK = (position_KTE * onehot_KTE).sum(-1).t()  # (T, K)
+        return position_TK < capacity
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x_TD = x.reshape(B * T, D)
+        logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
+        dropped = torch.zeros((), device=x.device)
+        if self.config.capacity_factor > 0:
+            keep_TK = self.capacity_mask(expert_TK)
+            weight_TK = weight_TK * keep_TK  # a dropped assignment contributes nothing
+            dropped = 1.0 - keep_TK.float().mean()
+        y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+
+        # balance loss: f from the (non-differentiable) choices, P from the full softmax (carries the gradient)
+        E = self.config.n_experts
+        f_E = torch.bincount(expert_TK.flatten(), minlength=E).float() / expert_TK.numel()
+        P_E = probs_TE.mean(dim=0)
+        self.stats = {"balance": E * (f_E * P_E).sum(),
+                      "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
+                      "expert_load": f_E, "dropped": dropped}
+        return self.dropout(y_TD.view(B, T, D))
+
+
+class SharedExperts(MLP):
+    """n_shared_experts always-on experts as one MLP of n times the expert hidden size (same function)."""
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        hidden = config.hidden() * config.n_shared_experts
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Identity()  # the MoE block applies dropout once to the sum
+
+
+class MoEGPT(GPT):
+    def make_ffn(self, layer_idx):
+        if self.config.is_moe_layer(layer_idx):
+            return MoE(self.config)
+        return super().make_ffn(layer_idx)
+
+    def moe_layers(self):
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def extra_losses(self):
+        """Averages over MoE layers of the balance loss and z-loss, their weighted sum ('loss', added to the
+        cross-entropy), and per-layer expert load (L_moe, E) and dropped fraction (L_moe,)."""
+        stats = [layer.stats for layer in self.moe_layers()]
+        if not stats:
+            return {}
+        balance = torch.stack([s["balance"] for s in stats]).mean()
+        z = torch.stack([s["z"] for s in stats]).mean()
+        return {"loss": self.config.balance_loss_weight * balance + self.config.z_loss_weight * z,
+                "balance": balance, "z": z,
+                "expert_load": torch.stack([s["expert_load"] for s in stats]),
+                "dropped": torch.stack([s["dropped"] for s in stats])}
+
+    def num_active_params(self):
+        """A token goes through k of the E experts of each MoE layer: the other E - k do no work for it."""
+        inactive = 0
+        for layer in self.moe_layers():
+            per_expert = sum(p[0].numel() for p in layer.experts.parameters())
+            inactive += (self.config.n_experts - self.config.moe_top_k) * per_expert
+        return self.get_num_params() - inactive

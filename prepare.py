@@ -1,0 +1,323 @@
+"""
+Turn text into train.bin / val.bin / meta.json under data/<name>/, the files train.py reads.
+
+    python prepare.py shakespeare_char              # tiny-shakespeare, one token per character (65)
+    python prepare.py shakespeare                   # the same text, GPT-2 BPE (50257)
+    python prepare.py text --input notes/ --name notes --tokenizer char
+
+train.bin and val.bin are the token ids as a raw numpy array (uint16, or uint32 for vocabularies over
+65536), so train.py can np.memmap them. The first (1 - val_fraction) of the tokens is train, the rest val;
+for a char tokenizer that is the same cut as splitting the text on characters, like nanoGPT.
+Every output goes to a temp name first and is renamed into place at the end, so a failed run leaves the
+previous good files as they were.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import requests
+
+from common import UserError, run_cli
+from tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATASETS = ("shakespeare_char", "shakespeare", "text")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one 'error: ...' line and exit 2 like every other failure, instead of argparse's usage dump
+        raise UserError(f"{message} (see: python prepare.py --help)")
+
+
+def parse_args(argv):
+    p = Parser(description="Tokenize text into data/<name>/{train.bin,val.bin,meta.json}.")
+    p.add_argument("dataset", choices=DATASETS, help="shakespeare_char, shakespeare, or text (your own files)")
+    p.add_argument("--input", help="text file (or, for 'text', a folder read recursively) instead of downloading")
+    p.add_argument("--name", help="text only: output folder name (default: the input's name without extension)")
+    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="text only: char (default) or gpt2")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of tokens held out for val (default 0.1)")
+    p.add_argument("--data_root", default="data", help="where dataset folders go (default: data)")
+    p.add_argument("--url", default=SHAKESPEARE_URL, help="shakespeare*: where to download input.txt from")
+    p.add_argument("--retries", type=int, default=3, help="download retries after the first try (default 3)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a download may stall (default 30)")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be more than 0 seconds, got {args.timeout}")
+    if args.retries < 0:
+        raise UserError(f"--retries must be 0 or more, got {args.retries}")
+    if args.dataset == "text":
+        if args.input is None:
+            raise UserError("the text dataset needs --input PATH (a text file or a folder of them)")
+    else:
+        for opt in ("name", "tokenizer"):
+            if getattr(args, opt) is not None:
+                raise UserError(f"--{opt} is only for the text dataset "
+                                f"(use: python prepare.py text --input PATH --{opt} ...)")
+    return args
+
+
+class Progress:
+    """A single status line on stderr, rewritten with \\r; only on a terminal, so logs stay clean."""
+
+    def __init__(self):
+        self.on = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, msg, force=False):
+        now = time.monotonic()
+        if self.on and (force or now - self.last > 0.1):  # ~10 redraws/s is plenty and costs nothing
+            print(f"\r{msg}\033[K", end="", file=sys.stderr, flush=True)
+            self.last, self.shown = now, True
+
+    def done(self):
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def temp_name(path):
+    """Where path is written before os.replace moves it into place: hidden, same folder (so the rename is
+    atomic), with our pid so two runs don't write over each other's temp files."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+# -----------------------------------------------------------------------------
+# download (tiny-shakespeare only)
+
+class Truncated(Exception):
+    """The body ended before Content-Length bytes (or was empty): worth a retry, never worth keeping."""
+
+
+def download_once(url, dest, timeout):
+    # identity encoding: otherwise Content-Length counts gzip bytes and can't be checked against what we save
+    with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
+        r.raise_for_status()
+        expected = int(r.headers.get("Content-Length", 0)) or None
+        got, progress = 0, Progress()
+        with open(dest, "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                got += len(chunk)
+                progress.update(f"downloading: {mib(got)}" + (f" / {mib(expected)}" if expected else ""))
+        progress.done()
+    # urllib3 usually raises on a short body itself; this check also covers servers/versions that don't
+    if expected is not None and got != expected:
+        raise Truncated(f"got {got} of {expected} bytes, the connection closed early")
+    if got == 0:
+        raise Truncated("the server sent an empty file")
+
+
+def describe(e):
+    """A short one-line reason: requests' own messages run to several hundred characters."""
+    if isinstance(e, requests.HTTPError) and e.response is not None:
+        return f"HTTP {e.response.status_code} {e.response.reason}"
+    if isinstance(e, Truncated):
+        return f"truncated: {e}"
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return "truncated: the connection closed before the whole file arrived"
+    # requests wraps the real cause (refused, DNS, timeout) in urllib3 errors; show only the innermost one
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    msg = " ".join(str(reason or e).split())
+    if msg.startswith("HTTP"):
+        msg = msg.split("): ", 1)[-1]  # drop the "HTTPSConnectionPool(host=..., port=...): " prefix
+    return f"{type(e).__name__}: {msg[:160]}" + ("..." if len(msg) > 160 else "")
+
+
+def download(url, dest, retries, timeout, dataset):
+    """Fetch url into dest: a temp name beside it first, so an interrupted download never looks finished."""
+    tmp = temp_name(dest)
+    print(f"downloading {url}")
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        for attempt in range(retries + 1):
+            try:
+                download_once(url, tmp, timeout)
+                os.replace(tmp, dest)
+                return
+            except (requests.RequestException, Truncated) as e:
+                error = e
+                status = e.response.status_code if isinstance(e, requests.HTTPError) and e.response is not None else None
+                # 4xx (other than rate limiting) will not change on a retry; network trouble and 5xx may
+                if (status is not None and status < 500 and status != 429) or attempt == retries:
+                    break
+                wait = 2 ** attempt
+                print(f"download failed ({describe(e)}); retrying in {wait}s", file=sys.stderr)
+                time.sleep(wait)
+    except OSError as e:  # after RequestException, which is an OSError too: this one is our own disk
+        raise UserError(f"could not write {dest} ({e})")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    raise UserError(f"could not download tiny-shakespeare from {url} ({describe(error)}); download it by hand "
+                    f"and run: python prepare.py {dataset} --input path/to/input.txt")
+
+
+def shakespeare_input(args, out_dir):
+    """(path, source) of the text: --input if given, else an input.txt already on disk (shakespeare can reuse
+    shakespeare_char's), else a fresh download, recorded in meta.json by its URL."""
+    if args.input is not None:
+        if not os.path.isfile(args.input):
+            raise UserError(f"input file not found: {args.input} (pass the path to tiny-shakespeare's input.txt, "
+                            f"or leave out --input to download it)")
+        return args.input, args.input
+    for folder in (out_dir, os.path.join(args.data_root, "shakespeare_char")):
+        path = os.path.join(folder, "input.txt")
+        if os.path.isfile(path):
+            print(f"using {path}")
+            return path, path
+    dest = os.path.join(out_dir, "input.txt")
+    download(args.url, dest, args.retries, args.timeout, args.dataset)
+    return dest, args.url
+
+
+# -----------------------------------------------------------------------------
+# reading text
+
+def read_text(path):
+    """File contents as str, or None for a binary / non-UTF-8 file. Bytes are decoded as-is (no newline
+    translation), so the prepared tokens decode back to exactly the file's text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\0" in data:  # NUL bytes: an image, a .pyc, a zip... not text even if it happens to decode
+        return None
+    try:
+        return data.decode("utf-8-sig")  # -sig drops a leading byte-order mark, which is not part of the text
+    except UnicodeDecodeError:
+        return None
+
+
+def list_files(folder, skip_dir):
+    """Every file under folder, sorted by path, leaving out hidden files and folders (.git, .venv, ...)
+    and the output folder itself (when preparing a folder that contains data/)."""
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and os.path.realpath(os.path.join(root, d)) != os.path.realpath(skip_dir)]
+        paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return sorted(paths)
+
+
+def read_documents(path, out_dir):
+    """The input as a list of texts: one for a file, one per readable text file for a folder."""
+    if os.path.isfile(path):
+        try:
+            text = read_text(path)
+        except OSError as e:
+            raise UserError(f"could not read {path} ({e.strerror})")
+        if text is None:
+            raise UserError(f"{path} is not a UTF-8 text file (it is binary or in another encoding)")
+        return [text]
+    if not os.path.isdir(path):
+        raise UserError(f"input not found: {path} (give a text file or a folder of text files)")
+    paths = list_files(path, out_dir)
+    docs, skipped, progress = [], 0, Progress()
+    for i, p in enumerate(paths):
+        try:
+            text = read_text(p)
+        except OSError:  # unreadable (permissions, a dangling link): skip it like a binary file
+            text = None
+        if text is None:
+            skipped += 1
+        elif text:
+            docs.append(text)
+        progress.update(f"reading files: {i + 1}/{len(paths)}", force=i + 1 == len(paths))
+    progress.done()
+    print(f"read {len(docs)} text files from {path}" + (f", skipped {skipped} binary, non-UTF-8 or unreadable" if skipped else ""))
+    return docs
+
+
+def tokenize(tok, docs):
+    """Token ids of all documents in order, with a separator between two documents: a newline for char,
+    <|endoftext|> for gpt2 (GPT-2's own document boundary)."""
+    dtype = token_dtype(tok.vocab_size)
+    parts, progress = [], Progress()
+    for i, doc in enumerate(docs):
+        if i:
+            parts.append(np.array(tok.encode(GPT2_EOT if tok.kind == "gpt2" else "\n"), dtype=dtype))
+        # one numpy array per document: a python list of ints for a big corpus would take ~30x the memory
+        parts.append(np.array(tok.encode(doc), dtype=dtype))
+        if len(docs) > 1:
+            progress.update(f"tokenizing files: {i + 1}/{len(docs)}", force=i + 1 == len(docs))
+    progress.done()
+    return np.concatenate(parts)
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def write_outputs(out_dir, train_ids, val_ids, meta):
+    """train.bin and val.bin to temp names, renamed into place, then meta.json last: a meta.json always
+    sits beside complete .bin files."""
+    tmps = {}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
+            tmps[name] = temp_name(os.path.join(out_dir, name))
+            with open(tmps[name], "wb") as f:
+                ids.tofile(f)
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(out_dir, name))
+        write_meta(out_dir, meta)
+    except OSError as e:
+        raise UserError(f"could not write to {out_dir} ({e})")
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def build_tokenizer(kind, docs):
+    if kind == "gpt2":
+        return Tokenizer("gpt2")
+    chars = set().union(*map(set, docs))
+    if len(docs) > 1:
+        chars.add("\n")  # the separator tokenize() puts between documents
+    return Tokenizer("char", "".join(sorted(chars)))  # ids in code point order, like nanoGPT
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dataset == "text":
+        name = args.name or os.path.splitext(os.path.basename(os.path.abspath(args.input)))[0]
+        kind = args.tokenizer or "char"
+    else:
+        name, kind = args.dataset, "char" if args.dataset == "shakespeare_char" else "gpt2"
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise UserError(f"--name must be a plain folder name, got '{name}'")
+    out_dir = os.path.join(args.data_root, name)
+
+    if args.dataset == "text":
+        path, source = args.input, args.input
+    else:
+        path, source = shakespeare_input(args, out_dir)
+    docs = read_documents(path, out_dir)
+    if not any(docs):
+        raise UserError(f"no text found in {path} (it has no non-empty UTF-8 text files)")
+
+    tok = build_tokenizer(kind, docs)
+    ids = tokenize(tok, docs)
+    n_train = int(len(ids) * (1 - args.val_fraction))
+    if n_train == 0 or n_train == len(ids):
+        raise UserError(f"the text is only {len(ids)} tokens, too short to split with --val_fraction "
+                        f"{args.val_fraction} (train or val would be empty); give more text")
+    train_ids, val_ids = ids[:n_train], ids[n_train:]
+
+    meta = tok.meta()
+    meta.update(train_tokens=len(train_ids), val_tokens=len(val_ids), source=source)
+    write_outputs(out_dir, train_ids, val_ids, meta)
+    print(f"{name}: {kind} tokenizer, vocab {tok.vocab_size:,}, train {len(train_ids):,} tokens, "
+          f"val {len(val_ids):,} tokens ({meta['dtype']}) -> {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

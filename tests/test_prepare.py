@@ -1,0 +1,295 @@
+"""
+prepare.py and tokenizer.py: run the CLI the way a person would (a subprocess in a scratch folder) and check
+the files it leaves, the exit code and the one-line errors. Offline: downloads go to a local HTTP server,
+GPT-2 BPE comes from the shared tiktoken cache.
+"""
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import UserError  # noqa: E402
+from tokenizer import Tokenizer, load_meta, prepare_command, token_dtype, write_meta  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+CORPUS = SHARED / "tinyshakespeare" / "input.txt"
+TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny-shakespeare not at {CORPUS}")
+needs_gpt2 = pytest.mark.skipif(not TIKTOKEN_CACHE.is_dir(), reason=f"no tiktoken cache at {TIKTOKEN_CACHE}")
+
+
+def prepare(cwd, *args):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_ok(r):
+    assert r.returncode == 0, r.stderr
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def read_dataset(data_dir):
+    """(meta, train ids, val ids) as train.py would read them."""
+    meta = load_meta(data_dir)
+    train = np.fromfile(data_dir / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"])
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    return meta, train, val
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in files_under(folder)}
+
+
+@pytest.fixture(autouse=True)
+def gpt2_cache(monkeypatch):
+    # in-process tests load GPT-2 BPE from the shared cache too, never from the network
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server. routes maps a path to (status, body, Content-Length to announce), or to a list
+    of those answered in turn (the last one repeats)."""
+    routes = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            answer = routes.get(self.path, (404, b"not found", None))
+            if isinstance(answer, list):
+                answer = answer.pop(0) if len(answer) > 1 else answer[0]
+            status, body, length = answer
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.end_headers()
+            self.wfile.write(body)  # HTTP/1.0: the connection closes after this, short body or not
+
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}", routes
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# -----------------------------------------------------------------------------
+# shakespeare_char / shakespeare
+
+@needs_corpus
+def test_shakespeare_char_from_input(tmp_path):
+    r = prepare(tmp_path, "shakespeare_char", "--input", CORPUS)
+    assert_ok(r)
+    assert "vocab 65" in r.stdout
+    meta, train, val = read_dataset(tmp_path / "data" / "shakespeare_char")
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
+    assert train.dtype == np.uint16 and len(train) + len(val) == 1_115_394
+    text = CORPUS.read_text(encoding="utf-8")
+    n = int(len(text) * 0.9)  # nanoGPT's cut: the first 90% of the characters is train
+    assert len(train) == n
+    tok = Tokenizer.from_meta(meta)
+    assert tok.decode(val) == text[n:]
+    assert tok.encode(text[n:]) == val.tolist()
+    assert files_under(tmp_path / "data") == ["shakespeare_char/meta.json", "shakespeare_char/train.bin",
+                                             "shakespeare_char/val.bin"]
+
+
+@needs_gpt2
+@needs_corpus
+def test_shakespeare_gpt2_reuses_char_input(tmp_path):
+    # data/shakespeare_char/input.txt already there: shakespeare must use it, not download (the URL is dead)
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare_char" / "input.txt").write_bytes(CORPUS.read_bytes())
+    r = prepare(tmp_path, "shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0)
+    assert_ok(r)
+    meta, train, val = read_dataset(tmp_path / "data" / "shakespeare")
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert "chars" not in meta
+    tok = Tokenizer.from_meta(meta)
+    assert tok.decode(np.concatenate([train, val])) == CORPUS.read_text(encoding="utf-8")
+    assert len(train) == int((len(train) + len(val)) * 0.9)
+
+
+def test_download(tmp_path, server):
+    url, routes = server
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    routes["/input.txt"] = (200, text.encode(), None)
+    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/input.txt", "--retries", 0)
+    assert_ok(r)
+    out = tmp_path / "data" / "shakespeare_char"
+    assert (out / "input.txt").read_text() == text
+    meta, train, val = read_dataset(out)
+    assert meta["source"] == url + "/input.txt"
+    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == text
+    assert files_under(out) == ["input.txt", "meta.json", "train.bin", "val.bin"]  # no temp files left
+
+
+def test_download_http_error(tmp_path, server):
+    url, _ = server
+    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0)
+    assert_one_line_error(r, "could not download", "404", "--input")
+    assert files_under(tmp_path / "data") == []
+
+
+def test_download_truncated_keeps_old_files(tmp_path, server):
+    url, routes = server
+    routes["/input.txt"] = (200, b"To be, or not to be" * 10, 100_000)  # announces 100 kB, sends 190 bytes
+    out = tmp_path / "data" / "shakespeare_char"
+    out.mkdir(parents=True)
+    for name in ("train.bin", "val.bin", "meta.json"):  # a previous run's output, without its input.txt
+        (out / name).write_bytes(os.urandom(64))
+    before = digest(out)
+    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/input.txt", "--retries", 0)
+    assert_one_line_error(r, "truncated")
+    assert digest(out) == before  # same files, same bytes: no input.txt, no temp file, nothing rewritten
+
+
+def test_download_retries_then_succeeds(tmp_path, server):
+    url, routes = server
+    text = "Now is the winter of our discontent\n" * 10
+    routes["/input.txt"] = [(503, b"busy", None), (200, text.encode(), None)]  # a retry gets the file
+    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/input.txt", "--retries", 1)
+    assert_ok(r)
+    assert "HTTP 503" in r.stderr and "retrying" in r.stderr
+    assert (tmp_path / "data" / "shakespeare_char" / "input.txt").read_text() == text
+
+
+# -----------------------------------------------------------------------------
+# your own text
+
+def test_folder_input_skips_binary_and_hidden(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / "a.txt").write_text("hello world\n")
+    (corpus / "sub" / "b.py").write_text("print('hi')\n")
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # NUL bytes: binary
+    (corpus / "latin1.txt").write_bytes("café".encode("latin-1"))  # not UTF-8
+    (corpus / ".git" / "config").write_text("[core]\n\tbare = false\n")  # hidden folder: skipped
+    (corpus / ".notes").write_text("hidden file ~~~\n")
+    r = prepare(tmp_path, "text", "--input", corpus, "--val_fraction", 0.2)
+    assert_ok(r)
+    assert "read 2 text files" in r.stdout and "skipped 2" in r.stdout
+    meta, train, val = read_dataset(tmp_path / "data" / "corpus")
+    # files in sorted path order, one newline between two files
+    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == "hello world\n\nprint('hi')\n"
+    assert "~" not in meta["chars"] and "[" not in meta["chars"]
+    assert meta["source"] == str(corpus)
+
+
+def test_uint32_for_big_char_vocab(tmp_path):
+    assert token_dtype(65) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(70000) == np.uint32
+    assert token_dtype(50257) == np.uint16
+    # 70,000 distinct characters (code points from 0x100, leaving out the surrogates UTF-8 can't hold)
+    chars = [chr(c) for c in range(0x100, 0x100 + 72_100) if not 0xD800 <= c <= 0xDFFF][:70_000]
+    text = "".join(chars) * 2
+    (tmp_path / "wide.txt").write_text(text, encoding="utf-8")
+    r = prepare(tmp_path, "text", "--input", "wide.txt", "--name", "wide", "--val_fraction", 0.5)
+    assert_ok(r)
+    meta, train, val = read_dataset(tmp_path / "data" / "wide")
+    assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32" and train.dtype == np.uint32
+    assert (tmp_path / "data" / "wide" / "train.bin").stat().st_size == 4 * len(train)
+    assert train.max() == 69_999
+    assert Tokenizer.from_meta(meta).decode(val) == "".join(chars)
+
+
+def test_missing_input_keeps_old_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 5)
+    assert_ok(prepare(tmp_path, "text", "--input", "notes.txt"))
+    out = tmp_path / "data" / "notes"
+    before = digest(out)
+    assert set(before) == {"meta.json", "train.bin", "val.bin"}
+    r = prepare(tmp_path, "text", "--input", "nowhere/notes.txt", "--name", "notes")
+    assert_one_line_error(r, "nowhere/notes.txt")
+    assert digest(out) == before
+
+
+# -----------------------------------------------------------------------------
+# argument checks and the tokenizer API, in-process
+
+def test_bad_arguments(tmp_path):
+    import prepare as prep
+    (tmp_path / "tiny.txt").write_text("a")
+    with pytest.raises(UserError, match="val_fraction"):
+        prep.main(["shakespeare_char", "--val_fraction", "1.5"])
+    with pytest.raises(UserError, match="--input"):
+        prep.main(["text"])
+    with pytest.raises(UserError, match="invalid choice"):
+        prep.main(["wikipedia"])
+    with pytest.raises(UserError, match="only for the text dataset"):
+        prep.main(["shakespeare_char", "--tokenizer", "gpt2"])
+    with pytest.raises(UserError, match="too short"):  # 1 token: 90% of it leaves train empty
+        prep.main(["text", "--input", str(tmp_path / "tiny.txt"), "--data_root", str(tmp_path / "data")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="no text"):
+        prep.main(["text", "--input", str(tmp_path / "empty.txt"), "--data_root", str(tmp_path / "data")])
+    assert files_under(tmp_path / "data") == []
+
+
+def test_load_meta_missing(tmp_path):
+    with pytest.raises(UserError, match=r"python prepare\.py shakespeare_char"):
+        load_meta(tmp_path / "data" / "shakespeare_char")
+    with pytest.raises(UserError, match=r"python prepare\.py text --input PATH --name mybooks"):
+        load_meta(tmp_path / "data" / "mybooks")
+    assert prepare_command("shakespeare") == "python prepare.py shakespeare"
+    assert prepare_command("x", "elsewhere") == "python prepare.py text --input PATH --name x --data_root elsewhere"
+
+
+def test_meta_round_trip_and_broken_meta(tmp_path):
+    meta = {**Tokenizer("char", "\n abc").meta(), "train_tokens": 9, "val_tokens": 1, "source": "x.txt"}
+    write_meta(tmp_path, meta)
+    assert load_meta(tmp_path) == meta
+    assert os.listdir(tmp_path) == ["meta.json"]
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="prepare"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "vocab_size": 6}))
+    with pytest.raises(UserError, match="vocab_size"):
+        load_meta(tmp_path)
+
+
+def test_char_tokenizer():
+    tok = Tokenizer("char", "\n !abc")
+    assert tok.kind == "char" and tok.vocab_size == 6
+    assert tok.decode(tok.encode("abc cab!\n")) == "abc cab!\n"
+    with pytest.raises(UserError, match=r"'z'.*'é'|'é'.*'z'") as e:
+        tok.encode("abz é")
+    assert "training data" in str(e.value)
+    with pytest.raises(UserError, match="outside"):
+        tok.decode([6])
+
+
+@needs_gpt2
+def test_gpt2_tokenizer_round_trip():
+    tok = Tokenizer("gpt2")
+    assert tok.kind == "gpt2" and tok.vocab_size == 50257
+    assert tok.encode("Hello world") == [15496, 995]
+    text = "To be, or not to be — naïve café 🙂\n<|endoftext|>Next document"
+    ids = tok.encode(text)
+    assert 50256 in ids  # the literal end-of-text marker becomes GPT-2's special token
+    assert tok.decode(ids) == text
+    assert Tokenizer.from_meta(tok.meta()).vocab_size == 50257 and tok.meta()["dtype"] == "uint16"
