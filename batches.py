@@ -16,7 +16,8 @@ class TokenData:
     def __init__(self, data_root, dataset, block_size):
         self.dir = os.path.join(data_root, dataset)
         if not os.path.isdir(self.dir):
-            raise UserError(f"dataset folder {self.dir} not found; create it with: {prepare_command(dataset)}")
+            raise UserError(f"dataset folder {self.dir} not found; create it with: "
+                            f"{prepare_command(dataset, data_root)}")
         self.meta = load_meta(self.dir)
         self.dtype = np.dtype(self.meta["dtype"])
         self.block_size = block_size
@@ -24,11 +25,11 @@ class TokenData:
         for split in ("train", "val"):
             path = self.path(split)
             if not os.path.isfile(path):
-                raise UserError(f"{path} not found; create it with: {prepare_command(dataset)}")
+                raise UserError(f"{path} not found; create it with: {prepare_command(dataset, data_root)}")
             nbytes = os.path.getsize(path)
             if nbytes % self.dtype.itemsize:
                 raise UserError(f"{path} has {nbytes} bytes, not a whole number of {self.meta['dtype']} tokens "
-                                f"(the file is damaged; rerun: {prepare_command(dataset)})")
+                                f"(the file is damaged; rerun: {prepare_command(dataset, data_root)})")
             n = nbytes // self.dtype.itemsize
             if n <= block_size:
                 raise UserError(f"{path} has {n} tokens, too few for block_size={block_size} "
@@ -40,7 +41,7 @@ class TokenData:
             if top >= self.meta["vocab_size"]:
                 raise UserError(f"{self.path(split)} holds token id {top} but meta.json says vocab_size="
                                 f"{self.meta['vocab_size']} (data and meta come from different runs of prepare.py; "
-                                f"rerun: {prepare_command(dataset)})")
+                                f"rerun: {prepare_command(dataset, data_root)})")
 
     def path(self, split):
         return os.path.join(self.dir, f"{split}.bin")

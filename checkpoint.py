@@ -7,7 +7,10 @@ folder, fsync'ed, then renamed over the old one, so a crash at any moment leaves
 checkpoint, complete.
 """
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 from dataclasses import asdict
 
 import torch
@@ -90,8 +93,23 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely; missing, truncated, corrupt or code-carrying files are a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir / --init_from)")
+    # torch.save writes a zip whose entries carry CRC32s that torch.load never checks: test them here (about
+    # as fast as reading the file) so bytes damaged on disk or in a copy are refused instead of loaded as weights
+    try:
+        with zipfile.ZipFile(path) as zf:
+            damaged = zf.testzip()
+    except Exception as e:  # BadZipFile for a truncated file, others for odder damage: all mean the same
+        raise UserError(f"cannot load checkpoint {path}: it is truncated or corrupt "
+                        f"({type(e).__name__}: {e})") from None
+    if damaged is not None:
+        raise UserError(f"cannot load checkpoint {path}: it is corrupt (entry {damaged} fails its CRC check)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "a Python object"
+        raise UserError(f"refusing checkpoint {path}: it holds a pickled {what}, and loading pickled objects can "
+                        f"run code (a checkpoint holds only tensors and plain values)") from None
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt or holds pickled objects "
@@ -101,10 +119,19 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def model_from_checkpoint(ckpt):
-    """Rebuild the model class the checkpoint was saved from, with its weights."""
+# model settings that change how the model runs, not the shape of its weights: a run that loads a
+# checkpoint may set them anew (e.g. train with moe_impl='loop', sample with 'grouped')
+RUNTIME_KEYS = ("dropout", "moe_impl", "router_jitter", "balance_loss_weight", "z_loss_weight", "capacity_factor",
+                "moe_renorm")
+
+
+def model_from_checkpoint(ckpt, overrides=None):
+    """Rebuild the model class the checkpoint was saved from, with its weights. overrides may set
+    RUNTIME_KEYS (other keys would not fit the saved weights)."""
     model_cls, config_cls = model_classes(ckpt.get("model_class", "GPT"))
-    model = model_cls(config_cls(**ckpt["model_args"]))
+    args = dict(ckpt["model_args"])
+    args.update({k: v for k, v in (overrides or {}).items() if k in RUNTIME_KEYS and k in args})
+    model = model_cls(config_cls(**args))
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:

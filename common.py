@@ -6,8 +6,6 @@ import os
 import sys
 from contextlib import nullcontext
 
-import torch
-
 
 class UserError(Exception):
     """Bad input from the person running a script. Printed as one 'error: ...' line, exit code 2."""
@@ -24,6 +22,8 @@ def run_cli(main):
 
 def pick_device(device):
     """'auto' picks cuda > mps > cpu; anything else is checked to exist so the error is readable."""
+    import torch  # imported on use: prepare.py needs this module but not torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -42,6 +42,8 @@ def pick_device(device):
 
 def pick_dtype(dtype, device):
     """'auto' means bf16 where the GPU supports it, else fp16 on CUDA, else fp32."""
+    import torch  # imported on use: prepare.py needs this module but not torch
+
     if dtype == "auto":
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -55,6 +57,8 @@ def pick_dtype(dtype, device):
 
 def autocast_context(device, dtype):
     """Mixed precision for the forward pass; float32 runs without autocast."""
+    import torch  # imported on use: prepare.py needs this module but not torch
+
     if dtype == "float32":
         return nullcontext()
     device_type = device.split(":")[0]
@@ -72,6 +76,8 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def gpu_peak_flops(device, configured=None):
     """The hardware peak that MFU is measured against: the config value if set, else a known GPU's."""
+    import torch  # imported on use: prepare.py needs this module but not torch
+
     if configured:
         return float(configured)
     if device.startswith("cuda"):

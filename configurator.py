@@ -69,6 +69,8 @@ def parse_args(defaults, argv):
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):
             value = raw  # a bare word such as --device=cpu is a string
+        if isinstance(defaults.get(key), str) and isinstance(value, (int, float, type(None), tuple)):
+            value = raw  # a string setting takes numbers and comma lists as written: --nan_inject_iters=3,4
         if not isinstance(value, PLAIN_TYPES):
             raise UserError(f"config key '{key}': value {raw!r} is not a plain int, float, bool, string or None")
         config[key] = _check(key, value, defaults, f"'{arg}'")

@@ -104,15 +104,67 @@ class Experts(nn.Module):
         b_proj = self.c_proj_bias[e] if self.c_proj_bias is not None else None
         return F.linear(self.activation(F.linear(x, self.c_fc[e], b_fc)), self.c_proj[e], b_proj)
 
-    def forward_loop(self, x_TD, expert_TK, weight_TK):
-        """Reference: one expert at a time. weight_TK is 0 for assignments dropped by capacity."""
+    def forward_loop(self, x_TD, expert_TK, weight_TK, keep_TK):
+        """Reference: one expert at a time. keep_TK is False for assignments dropped by capacity."""
         y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         for e in range(self.c_fc.size(0)):
-            token_idx, slot = torch.where((expert_TK == e) & (weight_TK > 0))
+            token_idx, slot = torch.where((expert_TK == e) & keep_TK)
             # an expert with no tokens still runs (on zero rows), so all its parameters get a gradient
             out = self.expert_mlp(e, x_TD[token_idx])  # (n_e, D)
             y_TD.index_add_(0, token_idx, out.float() * weight_TK[token_idx, slot].unsqueeze(1))
         return y_TD.to(x_TD.dtype)
+
+    def forward_grouped(self, x_TD, expert_TK, weight_TK, keep_TK):
+        """Fast path with static shapes: sort the T*K assignments by expert, gather their tokens once, run
+        all experts with one grouped matmul per projection, scatter back. Dropped assignments are computed
+        too (a fixed shape beats a data-dependent one) and then weighted by 0."""
+        T, K = expert_TK.shape
+        E = self.c_fc.size(0)
+        expert_A = expert_TK.flatten()  # (A,) with A = T*K assignments, token-major
+        order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
+        token_A = order_A // K  # which token each sorted assignment belongs to
+        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
+        expert_sorted_A = expert_A[order_A]
+        x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
+        h_AF = grouped_linear(x_AD, self.c_fc, offsets_E, expert_sorted_A)
+        if self.c_fc_bias is not None:
+            h_AF = h_AF + self.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
+        out_AD = grouped_linear(self.activation(h_AF), self.c_proj, offsets_E, expert_sorted_A)
+        if self.c_proj_bias is not None:
+            out_AD = out_AD + self.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
+        w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
+        return y_TD.to(x_TD.dtype)
+
+
+def compute_dtype(x):
+    """The dtype matmuls run in: autocast's where it is on (LayerNorm hands us float32 even then)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_kernel_available(device_type, dtype):
+    """torch's grouped GEMM (CUDA, bf16) exists from torch 2.8 on; elsewhere we use the fallback."""
+    return device_type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def grouped_linear(x_AI, w_EOI, offsets_E, expert_A):
+    """Row a of x_AI times expert expert_A[a]'s weight w_EOI[e] (out, in), for rows sorted by expert
+    (offsets_E[e] = end of expert e's rows). -> (A, O)"""
+    if grouped_kernel_available(x_AI.device.type, x_AI.dtype):
+        # one kernel for all experts; it takes no autocast, so the weights are cast explicitly
+        return torch._grouped_mm(x_AI, w_EOI.to(x_AI.dtype).transpose(-2, -1), offs=offsets_E)
+    # fallback with the same static shapes (any device and dtype): every expert multiplies every row and a
+    # mask keeps the rows that are its own. E times the FLOPs: for checking and compiling, not for speed.
+    out_AO = x_AI.new_zeros(x_AI.size(0), w_EOI.size(1))
+    for e in range(w_EOI.size(0)):
+        mine_A1 = (expert_A == e).unsqueeze(1).to(x_AI.dtype)
+        out_AO = out_AO + mine_A1 * F.linear(x_AI, w_EOI[e].to(x_AI.dtype))
+    return out_AO
 
 
 class MoE(nn.Module):
@@ -129,6 +181,13 @@ class MoE(nn.Module):
             self.shared = SharedExperts(config)
         self.dropout = nn.Dropout(config.dropout)
         self.stats = {}
+
+    def use_grouped(self, x_TD):
+        """'auto' takes the grouped path where the grouped GEMM kernel runs (CUDA, bf16), the loop elsewhere."""
+        impl = self.config.moe_impl
+        if impl == "auto":
+            return grouped_kernel_available(x_TD.device.type, compute_dtype(x_TD))
+        return impl == "grouped"
 
     def route(self, x_TD):
         """-> logits (T, E) fp32, probs (T, E), chosen experts (T, K), routing weights (T, K) fp32."""
@@ -154,22 +213,24 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)
         logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
-        dropped = torch.zeros((), device=x.device)
         if self.config.capacity_factor > 0:
-            keep_TK = self.capacity_mask(expert_TK)
-            weight_TK = weight_TK * keep_TK  # a dropped assignment contributes nothing
-            dropped = 1.0 - keep_TK.float().mean()
-        y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK)
+            keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
+        else:
+            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+        if self.use_grouped(x_TD):
+            y_TD = self.experts.forward_grouped(x_TD, expert_TK, weight_TK, keep_TK)
+        else:
+            y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
         # balance loss: f from the (non-differentiable) choices, P from the full softmax (carries the gradient)
         E = self.config.n_experts
-        f_E = torch.bincount(expert_TK.flatten(), minlength=E).float() / expert_TK.numel()
+        f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
         P_E = probs_TE.mean(dim=0)
         self.stats = {"balance": E * (f_E * P_E).sum(),
                       "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
-                      "expert_load": f_E, "dropped": dropped}
+                      "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
         return self.dropout(y_TD.view(B, T, D))
 
 

@@ -146,7 +146,8 @@ def download(url, dest, retries, timeout, dataset):
                 return
             except (requests.RequestException, Truncated) as e:
                 error = e
-                status = e.response.status_code if isinstance(e, requests.HTTPError) and e.response is not None else None
+                http_error = isinstance(e, requests.HTTPError) and e.response is not None
+                status = e.response.status_code if http_error else None
                 # 4xx (other than rate limiting) will not change on a retry; network trouble and 5xx may
                 if (status is not None and status < 500 and status != 429) or attempt == retries:
                     break
@@ -232,7 +233,8 @@ def read_documents(path, out_dir):
             docs.append(text)
         progress.update(f"reading files: {i + 1}/{len(paths)}", force=i + 1 == len(paths))
     progress.done()
-    print(f"read {len(docs)} text files from {path}" + (f", skipped {skipped} binary, non-UTF-8 or unreadable" if skipped else ""))
+    skip_note = f", skipped {skipped} binary, non-UTF-8 or unreadable" if skipped else ""
+    print(f"read {len(docs)} text files from {path}{skip_note}")
     return docs
 
 

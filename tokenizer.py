@@ -19,6 +19,7 @@ import numpy as np
 from common import UserError
 
 GPT2_EOT = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50257
 
 
 def token_dtype(vocab_size):
@@ -70,9 +71,22 @@ def load_meta(data_dir):
     for key in ("tokenizer", "vocab_size", "dtype"):
         if key not in meta:
             raise UserError(f"{path} has no '{key}' field; prepare the dataset again: {fix}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise UserError(f"{path} has dtype '{meta['dtype']}' (expected uint16 or uint32); prepare the dataset again: {fix}")
-    Tokenizer.from_meta(meta)  # checks the tokenizer fields now rather than at the first encode
+    # check the tokenizer fields here without building the tokenizer: train.py needs only vocab_size and
+    # dtype, and building a gpt2 Tokenizer would load tiktoken's BPE files for nothing
+    kind, vocab_size = meta["tokenizer"], meta["vocab_size"]
+    if kind == "char":
+        ok = isinstance(meta.get("chars"), str) and len(meta["chars"]) == vocab_size
+    elif kind == "gpt2":
+        ok = vocab_size == GPT2_VOCAB_SIZE
+    else:
+        raise UserError(f"{path} names an unknown tokenizer '{kind}' (expected char or gpt2); "
+                        f"prepare the dataset again: {fix}")
+    if not ok:
+        raise UserError(f"{path} has a vocab_size ({vocab_size}) that does not match its {kind} tokenizer; "
+                        f"prepare the dataset again: {fix}")
+    if meta["dtype"] != np.dtype(token_dtype(vocab_size)).name:
+        raise UserError(f"{path} has dtype '{meta['dtype']}' but {vocab_size} tokens need "
+                        f"{np.dtype(token_dtype(vocab_size)).name}; prepare the dataset again: {fix}")
     return meta
 
 
@@ -122,19 +136,25 @@ class Tokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
-            # name every unknown character (sorted, a few at most) so the fix is obvious
+            # name the unknown characters (the first ten, sorted) so the fix is obvious
             unknown = sorted(set(text) - self.stoi.keys())
             shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
             raise UserError(f"{len(unknown)} character(s) not in the char vocabulary: {shown} "
                             f"(the vocabulary comes from the training data; use only characters it contains)")
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            # a model trained on another dataset (or an unmasked padded vocabulary) produced these
-            raise UserError(f"token id {bad[0]} is outside the {self.kind} vocabulary of {self.vocab_size}; "
-                            f"the checkpoint and the dataset's meta.json do not match")
+        # an id this tokenizer lacks (one of the padding rows of a GPT-2 model's 50304-entry vocabulary, which
+        # a barely trained model can still sample) comes out as U+FFFD instead of stopping a sample halfway
+        pieces, run = [], []
+        for i in map(int, ids):
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+            else:
+                pieces += [self._decode(run), "\ufffd"]
+                run = []
+        return "".join(pieces) + self._decode(run)
+
+    def _decode(self, ids):
         if self.kind == "gpt2":
             return self.enc.decode(ids)
         return "".join(self.chars[i] for i in ids)
@@ -145,5 +165,5 @@ def _gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache shows up as requests/urllib errors; any failure means the same
-        raise UserError(f"could not load GPT-2 BPE files for tiktoken ({type(e).__name__}); tiktoken downloads "
-                        f"them once and caches them: connect once, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
+        raise UserError(f"could not load GPT-2 BPE files for tiktoken ({type(e).__name__}); tiktoken downloads them "
+                        f"once and caches them: connect once, or set TIKTOKEN_CACHE_DIR to a folder that holds them")

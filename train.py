@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batches import TokenData
-from checkpoint import (link_checkpoint, load_checkpoint, model_classes, model_from_checkpoint, model_state,
+from checkpoint import (RUNTIME_KEYS, link_checkpoint, load_checkpoint, model_classes, model_from_checkpoint, model_state,
                         save_checkpoint, unwrap)
 from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
 from configurator import parse_args
+from hf_gpt2 import is_hf_init, model_for_training
 from moe_model import MoEConfig
 
 # -----------------------------------------------------------------------------
@@ -43,7 +44,7 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 save_interval = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (GPT-2 weights)
 # logging
 wandb_log = False
 wandb_project = "nanomoe"
@@ -115,6 +116,14 @@ def set_rng_state(state, batch_gen):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def record_iter(line):
+    """The iter of a metrics.jsonl line; a line torn by a crash mid-write counts as after any checkpoint."""
+    try:
+        return json.loads(line).get("iter", 0)
+    except ValueError:
+        return math.inf
+
+
 class MetricsLog:
     """out_dir/metrics.jsonl: one JSON object per log line and per eval, appended and flushed, so it can be
     read (plotted) while the run goes on."""
@@ -124,7 +133,7 @@ class MetricsLog:
         if resume_iter is not None and os.path.exists(path):
             # a resumed run redoes the iterations after its checkpoint: drop their old records
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) < resume_iter]
+                kept = [line.rstrip("\n") + "\n" for line in f if line.strip() and record_iter(line) < resume_iter]
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -194,16 +203,24 @@ def main():
                  "eval_interval"):
         if getattr(cfg, name) < (0 if name == "max_iters" else 1):
             raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch' or 'resume'")
+    if cfg.init_from not in ("scratch", "resume") and not is_hf_init(cfg.init_from):
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
+                        f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_out_dir(cfg.out_dir)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
+    # ---- distributed (before the data, so the other ranks can wait while rank 0 prepares it)
+    if ddp:
+        be = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=be)
+
     # ---- data
     if cfg.dataset == "shakespeare_char" and not os.path.isdir(os.path.join(cfg.data_root, cfg.dataset)) and master:
-        from prepare import prepare_shakespeare
-        print("data/shakespeare_char is missing: preparing it now")
-        prepare_shakespeare("shakespeare_char", cfg.data_root)
+        import prepare
+        print(f"{cfg.data_root}/shakespeare_char is missing: preparing it now")
+        prepare.main(["shakespeare_char", "--data_root", cfg.data_root])
+    if ddp:
+        dist.barrier()  # every rank reads the data only once rank 0 has finished writing it
     data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)
     vocab_size = data.meta["vocab_size"]
     if data.meta["tokenizer"] == "gpt2":
@@ -215,16 +232,21 @@ def main():
         ckpt = load_checkpoint(ckpt_path)
         differ = [f"{k}: config {getattr(cfg, k)!r} vs checkpoint {ckpt['model_args'][k]!r}"
                   for k in MODEL_KEYS if k in explicit and k in ckpt["model_args"]
-                  and getattr(cfg, k) != ckpt["model_args"][k] and k != "dropout"]
+                  and getattr(cfg, k) != ckpt["model_args"][k] and k not in RUNTIME_KEYS]
         if differ:
             raise UserError(f"checkpoint {ckpt_path} has another model shape ({'; '.join(differ)})")
         if cfg.block_size > ckpt["model_args"]["block_size"]:
             raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's "
                             f"{ckpt['model_args']['block_size']}")
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt, {k: getattr(cfg, k) for k in RUNTIME_KEYS if k in explicit})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elif is_hf_init(cfg.init_from):
+        # GPT-2 weights (shape from the checkpoint, dropout and block_size from the config); with n_experts > 0
+        # sparse-upcycled: every expert starts as a copy of the MLP it replaces
+        torch.manual_seed(cfg.seed)  # the same router init on every rank
+        model = model_for_training(vars(cfg), explicit)
     else:
         model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
         model_args["vocab_size"] = vocab_size
@@ -239,10 +261,6 @@ def main():
                         f"{data.meta['vocab_size']} (the checkpoint was trained on another dataset)")
     model.to(dev)
 
-    # ---- distributed
-    if ddp:
-        be = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-        dist.init_process_group(backend=be)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
     batch_gen = torch.Generator().manual_seed(cfg.seed + rank)  # each rank draws its own batches
 
@@ -273,8 +291,9 @@ def main():
         n_all, n_active = raw_model.get_num_params(), raw_model.num_active_params()
         print(f"model: {type(raw_model).__name__}, {n_all / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active "
               f"per token; device {dev}, dtype {dtype}, {world_size} process(es)")
+        split = f", {accum_steps} on each of {world_size} processes" if ddp else ""
         print(f"tokens per iteration: {tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x "
-              f"{cfg.batch_size} sequences x {cfg.block_size} tokens)")
+              f"{cfg.batch_size} sequences x {cfg.block_size} tokens{split})")
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None) \
         if master else None
     wandb = None
@@ -289,15 +308,16 @@ def main():
 
     @torch.no_grad()
     def evaluate():
-        """Mean CE (and balance loss, expert load) per split. Each rank takes a share of eval_iters; its own
-        generator keeps the training batches independent of whether an eval happened."""
+        """Mean CE (and balance loss, expert load) per split. Each rank takes an equal share of eval_iters (at
+        least one batch, so the mean of the ranks' means is the mean); its own generator keeps the training
+        batches independent of whether an eval happened."""
         out = {}
         model.eval()
         for split in ("train", "val"):
             gen = torch.Generator().manual_seed(cfg.seed + 999 + rank)  # the same eval batches every time
             sums = {}
             n = 0
-            for _ in range(rank, cfg.eval_iters, world_size):
+            for _ in range(math.ceil(cfg.eval_iters / world_size)):
                 x, y = data.get_batch(split, cfg.batch_size, gen, dev)
                 with ctx:
                     _, loss, extra = model(x, y)
@@ -366,6 +386,8 @@ def main():
     # ---- training loop
     if cfg.eval_only:
         do_eval(allow_save=False)
+        if ddp:
+            dist.destroy_process_group()
         return
     model.train()
     next_iter_batch_state = batch_gen.get_state()

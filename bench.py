@@ -1,0 +1,133 @@
+"""
+Benchmark training steps (forward, backward, optimizer) of a dense GPT and the MoE GPT with each expert
+implementation, at equal backbone and expert size, in one process:
+
+    python bench.py config/bench_cpu.py                       # small shapes, any machine
+    python bench.py config/train_gpt2_moe.py --moe_top_k=1    # GPT-2 124M shape, on a GPU
+
+Prints one line per variant (median ms/step, tokens/s, MFU over active parameters, peak memory) and the
+MoE/dense ratios. Accepts every train.py config key, plus the few below.
+"""
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from checkpoint import model_classes
+from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
+from configurator import parse_args
+from train import DEFAULTS as TRAIN_DEFAULTS, MODEL_KEYS
+
+DEFAULTS = dict(TRAIN_DEFAULTS)
+DEFAULTS.update(
+    n_experts=8,  # the MoE variants' experts (a dense training config still benchmarks an MoE)
+    vocab_size=50304,  # random tokens from this vocabulary
+    bench_variants="dense,loop,grouped",  # which of dense, loop, grouped to run
+    bench_warmup=3,  # untimed steps first (compilation, allocator warm-up)
+    bench_steps=10,  # timed steps; the median is reported
+)
+
+
+def build(variant, cfg):
+    args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    args["vocab_size"] = cfg.vocab_size
+    if variant == "dense":
+        model_cls, config_cls = model_classes("GPT")
+        args = {k: v for k, v in args.items() if k in config_cls.__dataclass_fields__}
+    else:
+        model_cls, config_cls = model_classes("MoEGPT")
+        args["moe_impl"] = variant
+    torch.manual_seed(cfg.seed)
+    return model_cls(config_cls(**args))
+
+
+def bench_variant(variant, cfg, dev, dtype):
+    """Median seconds per training step and peak memory (bytes, CUDA only) for one variant."""
+    model = build(variant, cfg).to(dev)
+    raw = model
+    device_type = dev.split(":")[0]
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    if cfg.compile and compile_supported(dev):
+        model = torch.compile(model)
+    ctx = autocast_context(dev, dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, cfg.block_size)
+
+    def step():
+        for _ in range(cfg.gradient_accumulation_steps):
+            x = torch.randint(cfg.vocab_size, shape, generator=gen).to(dev)
+            y = torch.randint(cfg.vocab_size, shape, generator=gen).to(dev)
+            with ctx:
+                _, loss, extra = model(x, y)
+                total = loss + extra["loss"] if "loss" in extra else loss
+            scaler.scale(total / cfg.gradient_accumulation_steps).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        elif device_type == "mps":
+            torch.mps.synchronize()
+
+    for _ in range(cfg.bench_warmup):
+        step()
+    sync()
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(cfg.bench_steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak_mem = torch.cuda.max_memory_allocated(dev) if device_type == "cuda" else None
+    return raw, statistics.median(times), peak_mem
+
+
+def main():
+    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:]))
+    variants = [v.strip() for v in cfg.bench_variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ("dense", "loop", "grouped")]
+    if unknown or not variants:
+        raise UserError(f"bench_variants has {unknown or 'nothing'}; use a comma-separated list of dense, loop, grouped")
+    if cfg.n_experts < 1 and set(variants) - {"dense"}:
+        raise UserError("the MoE variants need n_experts >= 1 (or --bench_variants=dense)")
+    if cfg.bench_steps < 1 or cfg.bench_warmup < 0:
+        raise UserError("bench_steps must be >= 1 and bench_warmup >= 0")
+    dev = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, dev)
+    peak = gpu_peak_flops(dev, cfg.peak_flops)
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else dev
+    print(f"device {name}, dtype {dtype}, compile {cfg.compile and compile_supported(dev)}, torch {torch.__version__}; "
+          f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
+          f"{cfg.gradient_accumulation_steps}; MoE: {cfg.n_experts} experts, top-{cfg.moe_top_k}, every "
+          f"{cfg.moe_every} layer(s), capacity_factor {cfg.capacity_factor}; median of {cfg.bench_steps} steps")
+    results = {}
+    for variant in variants:
+        model, dt, mem = bench_variant(variant, cfg, dev, dtype)
+        mfu = model.estimate_mfu(tokens, dt, peak)
+        results[variant] = dt
+        label = "dense" if variant == "dense" else f"moe-{variant}"
+        print(f"{label:12s} {dt * 1000:9.2f} ms/step  {tokens / dt:12,.0f} tok/s  "
+              f"mfu {'n/a' if mfu is None else f'{mfu * 100:5.1f}%'}  "
+              f"peak mem {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}  "
+              f"params {model.get_num_params() / 1e6:.2f}M, active {model.num_active_params() / 1e6:.2f}M", flush=True)
+        del model
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if "dense" in results:
+        ratios = [f"moe-{v}/dense {results[v] / results['dense']:.2f}x" for v in ("loop", "grouped") if v in results]
+        if ratios:
+            print("ratio: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    run_cli(main)

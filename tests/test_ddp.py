@@ -1,0 +1,189 @@
+"""
+train.py under torchrun: two CPU processes (gloo) on a tiny char dataset, run the way a person would run them.
+
+The equivalence tests are the heart of it: two ranks, each drawing its own batches, must take exactly the
+optimizer steps that one process takes when it is fed both ranks' batches as its micro-steps. The reference
+below is that one process, written out plainly (same initial weights, same batches, loss / accumulation steps,
+clip, AdamW); its parameters must match the 2-rank run's checkpoint.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from batches import TokenData  # noqa: E402
+from checkpoint import load_checkpoint, model_classes  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+pytestmark = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny-shakespeare not at {CORPUS}")
+
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--eval_iters=2",
+        "--decay_lr=False", "--dropout=0.0"]
+DENSE = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4"]
+# 8 tokens per micro-step cannot reach 16 experts with top-1 routing: on every rank, in every backward, at
+# least half the experts get no token, and DDP must still find a gradient for all their weights
+MOE_SPARSE = ["--n_experts=16", "--moe_top_k=1", "--block_size=8", "--batch_size=1",
+              "--gradient_accumulation_steps=4"]
+
+
+def torchrun(cwd, *args, nproc=2):
+    """train.py under torchrun; --standalone picks a free port for the rendezvous."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=150)
+
+
+def assert_ok(r):
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def records(out_dir, kind):
+    with open(out_dir / "metrics.jsonl") as f:
+        return [rec for rec in map(json.loads, f) if rec["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    text = root / "tiny.txt"
+    text.write_text(CORPUS.read_text()[:50_000])
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "text", "--input", str(text), "--name", "tiny",
+                        "--tokenizer", "char", "--data_root", str(root / "data")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def train_2ranks(root, name, model_args):
+    out = root / name
+    r = torchrun(root, *TINY, *model_args, f"--data_root={root / 'data'}", "--dataset=tiny", f"--out_dir={out}",
+                 "--max_iters=2", "--eval_interval=2")
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def dense_run(data_root):
+    return train_2ranks(data_root, "dense", DENSE)
+
+
+@pytest.fixture(scope="module")
+def moe_run(data_root):
+    return train_2ranks(data_root, "moe", MOE_SPARSE)
+
+
+def reference_steps(ckpt, world_size, steps):
+    """One process doing what the 2-rank run did, on the union of the ranks' batches: the same initial weights
+    (train.py seeds with `seed` before building the model), each rank's micro-batches from its generator
+    (seeded seed + rank) as micro-steps of this process, each micro-step's loss / gradient_accumulation_steps,
+    then clip and AdamW. The MoE balance loss and z-loss are per micro-batch here as there, so they need not be
+    turned off for the equivalence to be exact."""
+    c = ckpt["config"]
+    model_cls, config_cls = model_classes(ckpt["model_class"])
+    torch.manual_seed(c["seed"])
+    model = model_cls(config_cls(**ckpt["model_args"]))
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
+    data = TokenData(c["data_root"], c["dataset"], c["block_size"])
+    gens = [torch.Generator().manual_seed(c["seed"] + rank) for rank in range(world_size)]
+    accum = c["gradient_accumulation_steps"]
+    losses, loads = [], []
+    for _ in range(steps):
+        step_losses = []
+        for gen in gens:  # rank 0's micro-batches, then rank 1's
+            for _ in range(accum // world_size):
+                x, y = data.get_batch("train", c["batch_size"], gen, "cpu")
+                _, loss, extra = model(x, y)
+                ((loss + extra.get("loss", 0)) / accum).backward()
+                step_losses.append(loss.item())
+                if "expert_load" in extra:
+                    loads.append(extra["expert_load"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(sum(step_losses) / len(step_losses))
+    return model, optimizer, losses, loads
+
+
+def assert_same_as_one_process(out_dir):
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    assert ckpt["iter_num"] == 2
+    model, optimizer, losses, loads = reference_steps(ckpt, world_size=2, steps=2)
+    ref = model.state_dict()
+    assert ref.keys() == ckpt["model"].keys()
+    for name, p in ref.items():
+        torch.testing.assert_close(ckpt["model"][name], p, rtol=0, atol=1e-6, msg=f"parameter {name}")
+    # Adam's first moment is a running mean of the synced (all-reduced, clipped) gradients: compare it too
+    ref_state = optimizer.state_dict()["state"]
+    for i, state in ckpt["optimizer"]["state"].items():
+        torch.testing.assert_close(state["exp_avg"], ref_state[i]["exp_avg"], rtol=1e-4, atol=1e-9)
+    logged = [rec["loss"] for rec in records(out_dir, "train")]
+    assert logged == pytest.approx(losses, abs=1e-5)  # the log shows the mean over both ranks
+    return loads
+
+
+def test_dense_two_ranks_run_and_only_rank0_writes(dense_run):
+    out, r = dense_run
+    assert_ok(r)
+    # the global batch: 4 micro-steps (2 per rank) x 4 sequences x 32 tokens, printed once
+    assert r.stdout.count("tokens per iteration: 512 (4 micro-steps x 4 sequences x 32 tokens, "
+                          "2 on each of 2 processes)") == 1, r.stdout
+    assert "2 process(es)" in r.stdout
+    assert r.stdout.count("saved checkpoint") == 1  # one eval with a save (at iter 2), by one rank
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+    assert [rec["iter"] for rec in records(out, "train")] == [0, 1]  # one line per iteration, not per rank
+    assert [rec["iter"] for rec in records(out, "eval")] == [0, 2]
+    assert records(out, "train")[0]["tokens"] == 512
+
+
+def test_dense_two_ranks_equal_one_process_on_both_batches(dense_run):
+    out, r = dense_run
+    assert_ok(r)
+    assert_same_as_one_process(out)
+
+
+def test_moe_experts_without_tokens_still_sync(moe_run):
+    out, r = moe_run
+    assert_ok(r)
+    assert "model: MoEGPT" in r.stdout and r.stdout.count("saved checkpoint") == 1
+    loads = assert_same_as_one_process(out)
+    # the case really happened: every micro-batch left experts idle in every MoE layer
+    assert loads and all((load == 0).any(dim=-1).all() for load in loads)
+    train = records(out, "train")
+    assert len(train[-1]["expert_load"]) == 2 and len(train[-1]["expert_load"][0]) == 16
+
+
+def test_resume_two_ranks(dense_run, tmp_path):
+    out, r = dense_run
+    assert_ok(r)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    root = out.parent
+    r = torchrun(root, *TINY, *DENSE, f"--data_root={root / 'data'}", "--dataset=tiny", f"--out_dir={resumed}",
+                 "--init_from=resume", "--max_iters=3", "--eval_interval=2")
+    assert_ok(r)
+    assert "random states" not in r.stdout  # each rank got its own saved generator back
+    iters = [int(m) for m in re.findall(r"^iter (\d+):", r.stdout, re.M)]
+    assert iters == [2]  # continued from the saved iteration, not from 0
+    assert load_checkpoint(resumed / "ckpt.pt")["iter_num"] == 3
+    assert [rec["iter"] for rec in records(resumed, "train")] == [0, 1, 2]
+
+
+def test_accumulation_not_divisible_by_world_size(data_root):
+    r = torchrun(data_root, *TINY, *DENSE, f"--data_root={data_root / 'data'}", "--dataset=tiny",
+                 f"--out_dir={data_root / 'bad'}", "--gradient_accumulation_steps=3")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: gradient_accumulation_steps=3 is not divisible by the world size 2 "
+                      "(use a multiple of 2)"] * 2, r.stderr  # one line from each rank
+    # torchrun prints its own summary (with its own traceback); none comes from train.py
+    assert "train.py\", line" not in r.stderr and "[rank" not in r.stderr, r.stderr

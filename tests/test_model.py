@@ -1,0 +1,167 @@
+"""
+The dense GPT (model.py) on tiny configs: causality, the modern options (RoPE, GQA, RMSNorm, SwiGLU),
+weight tying, the MFU formula, generation past block_size, crop_block_size and config validation.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from checkpoint import model_from_checkpoint, model_state
+from common import UserError
+from model import GPT, GPTConfig
+
+TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+VARIANTS = {
+    "gpt2": {},
+    "rope": dict(pos_emb="rope"),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "rmsnorm": dict(norm="rmsnorm", bias=False),
+    "swiglu": dict(mlp="swiglu"),
+    "all": dict(pos_emb="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False),
+}
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def all_logits(model, idx):
+    # with targets the model returns logits for every position (without, only for the last one)
+    logits, _, _ = model(idx, idx)
+    return logits
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "rope", "all"])
+def test_causal(variant):
+    model = tiny_gpt(**VARIANTS[variant]).eval()
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    t = 7
+    changed[:, t] = (idx[:, t] + 1) % 32
+    before, after = all_logits(model, idx), all_logits(model, changed)
+    assert torch.allclose(before[:, :t], after[:, :t], atol=1e-6)  # the past cannot see the future
+    assert not torch.allclose(before[:, t:], after[:, t:])  # ...but position t and later do see token t
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_shapes_and_overfits_one_batch(variant):
+    model = tiny_gpt(**VARIANTS[variant])
+    cfg = model.config
+    hs = cfg.n_embd // cfg.n_head
+    kv = cfg.n_kv_head or cfg.n_head
+    block = model.transformer.h[0]
+    # queries for every head, keys and values only for the kv heads
+    assert block.attn.c_attn.weight.shape == ((cfg.n_head + 2 * kv) * hs, cfg.n_embd)
+    assert isinstance(block.ln_1, nn.RMSNorm if cfg.norm == "rmsnorm" else nn.LayerNorm)
+    hidden = 4 * cfg.n_embd if cfg.mlp == "gelu" else 64 * math.ceil(4 * cfg.n_embd * 2 / 3 / 64)
+    assert block.mlp.c_fc.weight.shape == ((2 if cfg.mlp == "swiglu" else 1) * hidden, cfg.n_embd)
+    assert ("wpe" in model.transformer) == (cfg.pos_emb == "learned")
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 32, (4, 16), generator=gen)
+    y = torch.randint(0, 32, (4, 16), generator=gen)
+    logits, loss, extra = model(x, y)
+    assert logits.shape == (4, 16, 32) and extra == {}
+    assert loss.item() == pytest.approx(math.log(32), abs=0.2)  # small init: close to uniform
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(30):
+        _, loss, _ = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 1.5, (first, loss.item())
+
+
+def test_weight_tying_survives_checkpoint():
+    model = tiny_gpt()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ckpt = model_state(model)
+    loaded = model_from_checkpoint(ckpt)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = torch.randint(0, 32, (1, 16))
+    assert torch.equal(all_logits(model.eval(), idx), all_logits(loaded.eval(), idx))
+
+
+def test_num_params_by_hand():
+    model = tiny_gpt()
+    C, V, L = 32, 32, 2
+    # per layer: ln_1 + ln_2 (2C each), c_attn (3C*C + 3C), attn c_proj (C*C + C), c_fc (4C*C + 4C),
+    # mlp c_proj (4C*C + C) = 12C^2 + 13C; plus wte (tied with lm_head) and ln_f
+    per_layer = 12 * C * C + 13 * C
+    assert model.get_num_params() == L * per_layer + V * C + 2 * C
+    assert model.get_num_params(non_embedding=False) == model.get_num_params() + 16 * C  # + wpe
+    assert model.num_active_params() == model.get_num_params()
+
+
+def test_estimate_mfu_formula():
+    model = tiny_gpt()
+    N = 2 * (12 * 32 * 32 + 13 * 32) + 32 * 32 + 2 * 32
+    L, H, Q, T = 2, 4, 8, 16
+    flops_per_token = 6 * N + 12 * L * H * Q * T
+    tokens, dt, peak = 4096, 0.25, 1e12
+    assert model.flops_per_token() == flops_per_token
+    assert model.estimate_mfu(tokens, dt, peak) == pytest.approx(flops_per_token * tokens / dt / peak)
+    assert model.estimate_mfu(tokens, dt, None) is None  # unknown hardware peak: no MFU
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "rope"])
+def test_generate_past_block_size(variant):
+    model = tiny_gpt(**VARIANTS[variant]).eval()
+    prompt = torch.randint(0, 32, (2, 20))  # longer than block_size=16
+    with pytest.raises(UserError, match="longer than block_size"):
+        model(prompt)
+    out = model.generate(prompt, max_new_tokens=5, top_k=10)
+    assert out.shape == (2, 25)
+    assert torch.equal(out[:, :20], prompt)
+    assert out.min() >= 0 and out.max() < 32
+
+
+def test_generate_stream_matches_generate():
+    model = tiny_gpt().eval()
+    prompt = torch.randint(0, 32, (1, 3))
+    torch.manual_seed(5)
+    whole = model.generate(prompt, 6, temperature=0.9)
+    torch.manual_seed(5)
+    streamed = torch.cat([prompt, *model.generate_stream(prompt, 6, temperature=0.9)], dim=1)
+    assert torch.equal(whole, streamed)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "rope"])
+def test_crop_block_size(variant):
+    model = tiny_gpt(**VARIANTS[variant]).eval()
+    idx = torch.randint(0, 32, (2, 8))
+    before = all_logits(model, idx)
+    model.crop_block_size(8)
+    assert model.config.block_size == 8
+    if variant == "gpt2":
+        assert model.transformer.wpe.weight.shape == (8, 32)
+    else:
+        assert model.transformer.h[0].attn.rope_cos.shape == (8, 4)
+    # the first 8 positions compute exactly what they did before
+    assert torch.allclose(all_logits(model, idx), before, atol=1e-6)
+    with pytest.raises(UserError, match="longer than block_size=8"):
+        model(torch.randint(0, 32, (1, 9)))
+    with pytest.raises(UserError, match="larger than"):
+        model.crop_block_size(16)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(n_embd=30, n_head=4), ["n_embd=30", "n_head=4"]),
+    (dict(n_head=4, n_kv_head=3), ["n_head=4", "n_kv_head=3"]),
+    (dict(pos_emb="rope", n_embd=12, n_head=4), ["even head size"]),
+    (dict(pos_emb="alibi"), ["pos_emb", "alibi"]),
+    (dict(norm="batchnorm"), ["norm", "batchnorm"]),
+    (dict(n_layer=0), ["n_layer"]),
+])
+def test_config_validation(overrides, words):
+    with pytest.raises(UserError) as e:
+        GPTConfig(**{**TINY, **overrides})
+    for w in words:
+        assert w in str(e.value)

@@ -1,0 +1,468 @@
+"""
+Reliability and security: what a run does when it is killed, stopped, fed bad input or handed a hostile file.
+
+The scripts run the way a person runs them (subprocesses on a tiny char dataset in a scratch folder); the
+tests check exit codes, the one-line errors, the files left on disk and the trained parameters bit for bit.
+Every subprocess runs with one thread (OMP_NUM_THREADS=1): matmul results then do not depend on how many
+cores are free, and the two cores of a small machine can run two tests' processes side by side.
+"""
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import checkpoint  # noqa: E402
+from common import UserError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--device=cpu", "--dtype=float32", "--compile=False", "--eval_iters=2", "--log_interval=1",
+        "--gradient_accumulation_steps=1"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def command(script, *args):
+    return [sys.executable, str(REPO / script), *map(str, args)]
+
+
+def run(script, *args, cwd, timeout=120):
+    return subprocess.run(command(script, *args), cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def start(script, *args, cwd):
+    """A running script whose stdout (with stderr) we read line by line as it is printed."""
+    return subprocess.Popen(command(script, *args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+
+
+def train_args(data_root, out_dir, *extra):
+    return [f"--data_root={data_root}", f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def assert_ok(r):
+    assert r.returncode == 0, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
+def assert_one_line_error(r, *words):
+    """Exit code 2, exactly one 'error: ...' line on stderr holding every word, no traceback anywhere."""
+    assert r.returncode == 2, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+
+
+def snapshot(folder):
+    """Every file (by content hash) and folder under folder, to prove a failed run changed nothing."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def kill_after_saves(args, cwd, n_saves):
+    """Start train.py and SIGKILL it as soon as it reports its n-th saved checkpoint (it may be a step or a
+    save further on by then, possibly in the middle of writing the next one: that is part of the test)."""
+    p = start("train.py", *args, cwd=cwd)
+    saves, output = 0, []
+    for line in p.stdout:
+        output.append(line)
+        saves += line.startswith("saved checkpoint")
+        if saves == n_saves:
+            p.kill()
+            break
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it was killed:\n" + "".join(output)
+
+
+def read_lines_until(p, prefix):
+    """Lines of a running script up to and including the first that starts with prefix."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the script ended without printing {prefix!r}:\n" + "".join(lines))
+
+
+def metrics(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def assert_finite(ckpt):
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """data_root/tiny: the first 50k characters of tiny-shakespeare, prepared by prepare.py (char tokenizer)."""
+    root = tmp_path_factory.mktemp("rel-data")
+    text = CORPUS.read_text(encoding="utf-8")[:50_000] if CORPUS.is_file() else \
+        "".join(f"Citizen {i}:\nBefore we proceed any further, hear me speak.\n\n" for i in range(900))
+    (root / "tiny.txt").write_text(text, encoding="utf-8")
+    assert_ok(run("prepare.py", "text", "--input", root / "tiny.txt", "--name", "tiny", "--tokenizer", "char",
+                  "--data_root", root, cwd=root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """The out_dir of a finished 4-iteration run: ckpt.pt, best.pt, metrics.jsonl."""
+    out = tmp_path_factory.mktemp("rel-trained") / "out"
+    assert_ok(run("train.py", *train_args(data_root, out, "--max_iters=4", "--eval_interval=2"), cwd=out.parent))
+    return out
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(data_root, tmp_path):
+    """A dense run with dropout and 2 micro-steps per iteration, killed twice (once around the first
+    checkpoints, once after an eval) and resumed each time, ends with exactly the parameters and optimizer
+    state of the same run left alone. dropout > 0 makes the test fail if any random state is not restored."""
+    args = ["--max_iters=12", "--eval_interval=4", "--save_interval=1", "--dropout=0.1", "--learning_rate=1e-2",
+            "--warmup_iters=2", "--lr_decay_iters=12", "--gradient_accumulation_steps=2"]
+    straight = start("train.py", *train_args(data_root, tmp_path / "straight", *args), cwd=tmp_path)  # runs alongside
+
+    out = tmp_path / "killed"
+    killed = train_args(data_root, out, *args)
+    kill_after_saves(killed, tmp_path, n_saves=3)
+    kill_points = [torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]]
+    kill_after_saves([*killed, "--init_from=resume"], tmp_path, n_saves=4)
+    kill_points.append(torch.load(out / "ckpt.pt", weights_only=True)["iter_num"])
+    assert 0 < kill_points[0] < kill_points[1] < 12, kill_points
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "iter": 9, "lo')  # a record torn by the kill must not break the resume
+    assert_ok(run("train.py", *killed, "--init_from=resume", cwd=tmp_path))
+
+    assert straight.wait(timeout=120) == 0, straight.stdout.read()
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 12
+    assert_same_tensors(a["model"], b["model"], f"model after kills at {kill_points}")
+    for i, state in a["optimizer"]["state"].items():
+        assert_same_tensors(state, b["optimizer"]["state"][i], f"optimizer state {i}")
+    # the resumed run's log holds each iteration once, as if it had never stopped
+    assert [m["iter"] for m in metrics(out) if m["type"] == "train"] == list(range(12))
+    # best.pt is the checkpoint of the best eval
+    evals = [m for m in metrics(out) if m["type"] == "eval" and m["iter"] > 0]
+    best = checkpoint.load_checkpoint(out / "best.pt")
+    assert best["best_val_loss"] == min(m["val_loss"] for m in evals)
+
+
+def test_sigkill_then_resume_is_bit_exact_moe(data_root, tmp_path):
+    """The same for an MoE model (4 experts, top-2) with router jitter and dropout, killed once."""
+    args = ["--max_iters=8", "--eval_interval=4", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
+            "--dropout=0.1", "--router_jitter=0.1", "--learning_rate=1e-2", "--warmup_iters=0"]
+    straight = start("train.py", *train_args(data_root, tmp_path / "straight", *args), cwd=tmp_path)
+    out = tmp_path / "killed"
+    killed = train_args(data_root, out, *args)
+    kill_after_saves(killed, tmp_path, n_saves=3)
+    kill_point = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 0 < kill_point < 8
+    assert_ok(run("train.py", *killed, "--init_from=resume", cwd=tmp_path))
+
+    assert straight.wait(timeout=120) == 0, straight.stdout.read()
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert a["model_class"] == b["model_class"] == "MoEGPT"
+    assert a["iter_num"] == b["iter_num"] == 8
+    assert_same_tensors(a["model"], b["model"], f"MoE model after a kill at {kill_point}")
+
+
+# ----------------------------------------------------------------------------- crash while saving
+
+def small_checkpoint(value):
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.nn.init.constant_(model.lm_head.weight, value)
+    return {**checkpoint.model_state(model), "iter_num": int(value)}
+
+
+@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupt"])
+def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, crash):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(small_checkpoint(1.0), path)
+    real_save = torch.save
+
+    def half_save(obj, f, *args, **kwargs):
+        """torch.save that dies halfway: half of the bytes reach the file, then the crash."""
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        raise crash
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(type(crash)):
+        checkpoint.save_checkpoint(small_checkpoint(2.0), path)
+    (tmp_path / "first").mkdir()
+    with pytest.raises(type(crash)):
+        checkpoint.save_checkpoint(small_checkpoint(2.0), tmp_path / "first" / "ckpt.pt")
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "first"]  # no temp file left behind
+    assert os.listdir(tmp_path / "first") == []  # a first save that crashes leaves nothing
+    ckpt = checkpoint.load_checkpoint(path)
+    assert ckpt["iter_num"] == 1
+    assert torch.equal(ckpt["model"]["lm_head.weight"], torch.full((16, 8), 1.0))
+
+
+# ----------------------------------------------------------------------------- signals
+
+def test_sigint_saves_says_where_and_exits_0(data_root, tmp_path):
+    out = tmp_path / "out"
+    p = start("train.py", *train_args(data_root, out, "--max_iters=100000", "--eval_interval=100000"), cwd=tmp_path)
+    read_lines_until(p, "iter 2:")
+    p.send_signal(signal.SIGINT)
+    rest, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, rest
+    assert "Traceback" not in rest
+    assert f"saved checkpoint to {out / 'ckpt.pt'}" in rest
+    assert f"--init_from=resume --out_dir={out}" in rest
+    stopped_at = int(rest.split("stopped at iter ")[1].split(";")[0])
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == stopped_at >= 3
+
+
+def test_second_signal_exits_at_once(data_root, tmp_path):
+    p = start("train.py", *train_args(data_root, tmp_path / "out", "--max_iters=100000", "--eval_interval=100000"),
+              cwd=tmp_path)
+    read_lines_until(p, "iter 2:")
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
+    rest, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, rest
+    assert "stopped at iter" not in rest
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(data_root, tmp_path):
+    # both runs at once: one NaN step is skipped and the run finishes; two in a row with
+    # max_nonfinite_steps=2 stop it
+    once = start("train.py", *train_args(data_root, tmp_path / "once", "--max_iters=6", "--eval_interval=100",
+                                         "--nan_inject_iters=3"), cwd=tmp_path)
+    twice = start("train.py", *train_args(data_root, tmp_path / "twice", "--max_iters=8", "--eval_interval=100",
+                                          "--save_interval=1", "--nan_inject_iters=3,4", "--max_nonfinite_steps=2"),
+                  cwd=tmp_path)
+    out_once, _ = once.communicate(timeout=120)
+    out_twice, _ = twice.communicate(timeout=120)
+
+    assert once.returncode == 0, out_once
+    assert "iter 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in out_once
+    skips = [m for m in metrics(tmp_path / "once") if m["type"] == "skip"]
+    assert [(m["iter"], m["nonfinite_total"]) for m in skips] == [(3, 1)]
+    ckpt = checkpoint.load_checkpoint(tmp_path / "once" / "ckpt.pt")
+    assert ckpt["iter_num"] == 6
+    assert_finite(ckpt)
+
+    assert twice.returncode not in (0, 2), out_twice
+    assert "Traceback" not in out_twice
+    assert "error: 2 non-finite steps in a row; stopping" in out_twice
+    ckpt = checkpoint.load_checkpoint(tmp_path / "twice" / "ckpt.pt")  # the last good checkpoint
+    assert ckpt["iter_num"] == 4  # saved after the skipped iteration 3, not after 4
+    assert_finite(ckpt)
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+
+class Payload:
+    """Unpickling this would create a folder: a stand-in for code a hostile checkpoint runs on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("extra", ["object", "class", "function"])
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path, extra):
+    marker = tmp_path / "pwned"
+    payload = {"object": Payload(marker), "class": Payload, "function": os.system}[extra]
+    path = tmp_path / "ckpt.pt"
+    torch.save({**small_checkpoint(1.0), "x": payload}, path)
+    with pytest.raises(UserError, match="pickled"):
+        checkpoint.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_sample_refuses_checkpoint_with_code(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**ckpt, "x": Payload(marker)}, out / "ckpt.pt")
+    r = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5", cwd=tmp_path)
+    assert_one_line_error(r, "refusing checkpoint", "pickled")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- compiled and wrapped models
+
+def test_checkpoint_of_a_compiled_or_wrapped_model_has_clean_names(tmp_path):
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+
+    class Wrapper(torch.nn.Module):  # state_dict names like DDP's: 'module.' + the model's names
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    plain = checkpoint.model_state(model)["model"]
+    for wrapped in (torch.compile(model), Wrapper(model), Wrapper(torch.compile(model))):
+        assert any(k.startswith(("_orig_mod.", "module.")) for k in wrapped.state_dict())
+        state = checkpoint.model_state(wrapped)
+        assert not any("_orig_mod." in k or k.startswith("module.") for k in state["model"])
+        assert_same_tensors(state["model"], plain, type(wrapped).__name__)
+    checkpoint.save_checkpoint(checkpoint.model_state(torch.compile(model)), tmp_path / "ckpt.pt")
+    restored = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tmp_path / "ckpt.pt"))
+    assert_same_tensors(restored.state_dict(), model.state_dict(), "round trip")
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+def _write(name, text):
+    return lambda case: (case / name).write_text(text)
+
+
+def _edit_meta(case):
+    """meta.json that claims 10 characters while the token files hold ids up to ~58."""
+    path = case / "data" / "tiny" / "meta.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta.update(chars=meta["chars"][:10], vocab_size=10)
+    path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+
+def _truncate(path):
+    def setup(case):
+        data = (case / path).read_bytes()
+        (case / path).write_bytes(data[:len(data) // 2])
+    return setup
+
+
+def _damage(path):
+    """Zero 1000 bytes in the middle of the file: the tensors' bytes, which torch.load alone does not check."""
+    def setup(case):
+        data = (case / path).read_bytes()
+        mid = len(data) // 2
+        (case / path).write_bytes(data[:mid] + bytes(1000) + data[mid + 1000:])
+    return setup
+
+
+def _append_byte(path):
+    return lambda case: (case / path).write_bytes((case / path).read_bytes() + b"\0")
+
+
+def _remove(*paths):
+    return lambda case: [(case / p).unlink() for p in paths]
+
+
+# (id, script, arguments after the usual ones ({case} is the case's folder), setup of the folder, words in the error)
+BAD_INPUTS = [
+    ("unknown-key", "train.py", ["--n_embed=32"], None, ["unknown config key 'n_embed'", "did you mean 'n_embd'?"]),
+    ("unknown-key-in-file", "train.py", ["{case}/typo.py"], _write("typo.py", "n_embed = 32\n"),
+     ["'n_embed'", "did you mean 'n_embd'?", "typo.py"]),
+    ("wrong-type", "train.py", ["--batch_size=4.5"], None, ["'batch_size'", "expects int", "got float"]),
+    ("malformed-value", "train.py", ["--batch_size=[1"], None, ["'batch_size'", "expects int", "'[1'"]),
+    ("flag-without-value", "train.py", ["--max_iters"], None, ["'--max_iters' has no value"]),
+    ("missing-config-file", "train.py", ["{case}/nope.py"], None, ["config file", "nope.py", "not found"]),
+    ("config-file-raises", "train.py", ["{case}/boom.py"], _write("boom.py", "batch_size = 4\nx = 1 / 0\n"),
+     ["boom.py", "ZeroDivisionError"]),
+    ("bad-device", "train.py", ["--device=tpu"], None, ["unknown device 'tpu'"]),
+    ("init_from-typo", "train.py", ["--init_from=resum"], None, ["init_from='resum'"]),
+    ("grad-accum-zero", "train.py", ["--gradient_accumulation_steps=0"], None,
+     ["gradient_accumulation_steps must be positive"]),
+    ("grad-accum-negative", "train.py", ["--gradient_accumulation_steps=-2"], None,
+     ["gradient_accumulation_steps must be positive"]),
+    ("dataset-missing", "train.py", ["--dataset=nope"], None,
+     ["not found", "python prepare.py text --input PATH --name nope --data_root"]),
+    ("split-missing", "train.py", [], _remove("data/tiny/val.bin"), ["val.bin not found", "prepare.py"]),
+    ("token-file-odd-size", "train.py", [], _append_byte("data/tiny/train.bin"),
+     ["train.bin has 90001 bytes", "not a whole number"]),
+    ("vocab-smaller-than-data", "train.py", [], _edit_meta, ["holds token id", "vocab_size=10"]),
+    ("block-larger-than-data", "train.py", ["--block_size=6000"], None, ["val.bin", "too few", "block_size=6000"]),
+    ("n_embd-not-divisible-by-n_head", "train.py", ["--n_head=3"], None, ["n_embd=32", "n_head=3"]),
+    ("n_head-not-divisible-by-n_kv_head", "train.py", ["--n_head=4", "--n_kv_head=3"], None,
+     ["n_head=4", "n_kv_head=3"]),
+    ("top_k-over-n_experts", "train.py", ["--n_experts=2", "--moe_top_k=3"], None, ["moe_top_k=3", "n_experts=2"]),
+    ("out_dir-is-a-file", "train.py", ["--out_dir={case}/afile"], _write("afile", "x"), ["afile", "is a file"]),
+    ("out_dir-under-a-file", "train.py", ["--out_dir={case}/afile/run"], _write("afile", "x"),
+     ["cannot create out_dir", "afile/run"]),
+    ("resume-no-checkpoint", "train.py", ["--init_from=resume"], _remove("out/ckpt.pt", "out/best.pt"),
+     ["no checkpoint at", "ckpt.pt"]),
+    ("resume-truncated-checkpoint", "train.py", ["--init_from=resume"], _truncate("out/ckpt.pt"),
+     ["ckpt.pt", "truncated or corrupt"]),
+    ("resume-corrupt-checkpoint", "train.py", ["--init_from=resume"], _damage("out/ckpt.pt"),
+     ["ckpt.pt", "corrupt", "CRC"]),
+    ("resume-other-shape", "train.py", ["--init_from=resume", "--n_layer=3"], None,
+     ["another model shape", "n_layer: config 3 vs checkpoint 2"]),
+    ("resume-larger-block_size", "train.py", ["--init_from=resume", "--block_size=64"], None,
+     ["block_size", "64", "checkpoint 32"]),
+    ("sample-unknown-key", "sample.py", ["--temprature=0.5"], None, ["did you mean 'temperature'?"]),
+    ("sample-prompt-outside-vocab", "sample.py", ["--start=ROMEO€"], None, ["not in the char vocabulary", "'€'"]),
+    ("sample-prompt-file-missing", "sample.py", ["--start=FILE:{case}/prompt.txt"], None,
+     ["prompt file", "prompt.txt", "not found"]),
+    ("sample-no-checkpoint", "sample.py", ["--out_dir={case}/empty"], None, ["no checkpoint at", "empty"]),
+    ("sample-corrupt-checkpoint", "sample.py", [], _damage("out/ckpt.pt"), ["corrupt", "CRC"]),
+    ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature must be > 0"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(data_root, trained, tmp_path_factory):
+    """Each bad input runs in a folder of its own (a copy of the dataset and of a trained out_dir), all at
+    once: most of each run is Python and torch starting up. Returns id -> (result, files before, after)."""
+    root = tmp_path_factory.mktemp("rel-bad")
+    jobs = {}
+    for case_id, script, extra, setup, _ in BAD_INPUTS:
+        case = root / case_id
+        shutil.copytree(data_root / "tiny", case / "data" / "tiny")
+        shutil.copytree(trained, case / "out")
+        if setup:
+            setup(case)
+        if script == "train.py":
+            args = [*train_args(case / "data", case / "out", "--max_iters=6", "--eval_interval=2")]
+        else:
+            args = [f"--out_dir={case / 'out'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
+        args += [a.replace("{case}", str(case)) for a in extra]
+        jobs[case_id] = (case, script, args, snapshot(case) | snapshot(data_root))
+
+    def go(case_id):
+        case, script, args, before = jobs[case_id]
+        r = run(script, *args, cwd=case)
+        return case_id, (r, before, snapshot(case) | snapshot(data_root))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(go, jobs))
+
+
+@pytest.mark.parametrize("case_id, words", [(c[0], c[4]) for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(bad_input_runs, case_id, words):
+    r, before, after = bad_input_runs[case_id]
+    assert_one_line_error(r, *words)
+    assert after == before
