@@ -43,7 +43,8 @@ def clean_state_dict(state_dict):
 def unwrap(model):
     """The plain GPT inside DDP and/or torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        # not `getattr(...) or ...`: the truth value of a compiled module calls len(), which GPT lacks
+        model = model.module if hasattr(model, "module") else model._orig_mod
     return model
 
 

@@ -38,7 +38,8 @@ class MoEConfig(GPTConfig):
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     capacity_factor: float = 0.0  # 0 = dropless; > 0: each expert serves at most ceil(k*T/E * factor) tokens
-    moe_renorm: bool = True  # renormalise the top-k routing weights to sum to 1
+    moe_renorm: bool = True  # renormalise the top-k routing weights to sum to 1 (with top-1 this makes the
+    # gate always 1.0, so the router learns only from the balance/z losses: top-1 configs set it False)
     router_jitter: float = 0.0  # training only: multiply router inputs by U(1-eps, 1+eps) (Switch)
     moe_impl: str = "auto"  # 'loop' (reference), 'grouped' (fast), 'auto' = grouped
 

@@ -70,10 +70,16 @@ def main():
     with torch.no_grad(), autocast_context(dev, dtype):
         for _ in range(cfg.num_samples):
             if cfg.stream:
+                # decode everything generated so far and print what is new: a BPE character can span tokens
                 print(start, end="", flush=True)
+                new_ids, shown = [], ""
                 for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
-                    print(tok.decode(t[0].tolist()), end="", flush=True)
-                print()
+                    new_ids.append(t[0].item())
+                    text = tok.decode(new_ids)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a split character
+                        print(text[len(shown):], end="", flush=True)
+                        shown = text
+                print(tok.decode(new_ids)[len(shown):])
             else:
                 y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
                 print(tok.decode(y[0].tolist()))

@@ -21,6 +21,9 @@ bias = False
 
 n_experts = 8
 moe_top_k = 1
+# top-1 keeps the raw router probability as the gate (Switch): renormalised, it would always be 1.0 and
+# the router would get no gradient from the cross-entropy
+moe_renorm = False
 moe_every = 2
 capacity_factor = 1.25
 balance_loss_weight = 0.01

@@ -12,19 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from batches import TokenData  # noqa: E402
-from checkpoint import load_checkpoint, model_classes  # noqa: E402
-
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-pytestmark = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny-shakespeare not at {CORPUS}")
+from batches import TokenData
+from checkpoint import load_checkpoint, model_classes
+from conftest import REPO
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--eval_iters=2",
         "--decay_lr=False", "--dropout=0.0"]
@@ -37,10 +31,11 @@ MOE_SPARSE = ["--n_experts=16", "--moe_top_k=1", "--block_size=8", "--batch_size
 
 def torchrun(cwd, *args, nproc=2):
     """train.py under torchrun; --standalone picks a free port for the rendezvous."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # torchrun's default, without its banner
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "train.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=150)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=150,
+                          stdin=subprocess.DEVNULL)
 
 
 def assert_ok(r):
@@ -53,33 +48,31 @@ def records(out_dir, kind):
         return [rec for rec in map(json.loads, f) if rec["type"] == kind]
 
 
+def data_args(data_root):
+    return [f"--data_root={data_root}", "--dataset=shakespeare_char"]
+
+
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    text = root / "tiny.txt"
-    text.write_text(CORPUS.read_text()[:50_000])
-    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "text", "--input", str(text), "--name", "tiny",
-                        "--tokenizer", "char", "--data_root", str(root / "data")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return root
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp")
 
 
-def train_2ranks(root, name, model_args):
-    out = root / name
-    r = torchrun(root, *TINY, *model_args, f"--data_root={root / 'data'}", "--dataset=tiny", f"--out_dir={out}",
-                 "--max_iters=2", "--eval_interval=2")
+def train_2ranks(runs_dir, data_root, name, model_args):
+    """Two optimizer steps on two ranks; the eval at iter 2 saves the checkpoint the tests compare with."""
+    out = runs_dir / name
+    r = torchrun(runs_dir, *TINY, *model_args, *data_args(data_root), f"--out_dir={out}", "--max_iters=2",
+                 "--eval_interval=2")
     return out, r
 
 
 @pytest.fixture(scope="module")
-def dense_run(data_root):
-    return train_2ranks(data_root, "dense", DENSE)
+def dense_run(runs_dir, shakespeare_data):
+    return train_2ranks(runs_dir, shakespeare_data, "dense", DENSE)
 
 
 @pytest.fixture(scope="module")
-def moe_run(data_root):
-    return train_2ranks(data_root, "moe", MOE_SPARSE)
+def moe_run(runs_dir, shakespeare_data):
+    return train_2ranks(runs_dir, shakespeare_data, "moe", MOE_SPARSE)
 
 
 def reference_steps(ckpt, world_size, steps):
@@ -162,13 +155,12 @@ def test_moe_experts_without_tokens_still_sync(moe_run):
     assert len(train[-1]["expert_load"]) == 2 and len(train[-1]["expert_load"][0]) == 16
 
 
-def test_resume_two_ranks(dense_run, tmp_path):
+def test_resume_two_ranks(dense_run, shakespeare_data, tmp_path):
     out, r = dense_run
     assert_ok(r)
     resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    root = out.parent
-    r = torchrun(root, *TINY, *DENSE, f"--data_root={root / 'data'}", "--dataset=tiny", f"--out_dir={resumed}",
+    shutil.copytree(out, resumed)  # the other tests keep reading the original
+    r = torchrun(tmp_path, *TINY, *DENSE, *data_args(shakespeare_data), f"--out_dir={resumed}",
                  "--init_from=resume", "--max_iters=3", "--eval_interval=2")
     assert_ok(r)
     assert "random states" not in r.stdout  # each rank got its own saved generator back
@@ -178,9 +170,9 @@ def test_resume_two_ranks(dense_run, tmp_path):
     assert [rec["iter"] for rec in records(resumed, "train")] == [0, 1, 2]
 
 
-def test_accumulation_not_divisible_by_world_size(data_root):
-    r = torchrun(data_root, *TINY, *DENSE, f"--data_root={data_root / 'data'}", "--dataset=tiny",
-                 f"--out_dir={data_root / 'bad'}", "--gradient_accumulation_steps=3")
+def test_accumulation_not_divisible_by_world_size(shakespeare_data, tmp_path):
+    r = torchrun(tmp_path, *TINY, *DENSE, *data_args(shakespeare_data), f"--out_dir={tmp_path / 'out'}",
+                 "--gradient_accumulation_steps=3")
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: gradient_accumulation_steps=3 is not divisible by the world size 2 "

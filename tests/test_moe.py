@@ -1,0 +1,382 @@
+"""
+The Mixture-of-Experts model (moe_model.py): each MoE layer checked against a direct computation (weighted
+sum of expert MLPs, balance loss, z-loss, capacity), the router's precision and gradients, and a tiny MoE
+trained, resumed and sampled through the CLI.
+
+Layer-level tests run every implementation ('loop', the reference, and 'grouped'), so both are held to the
+same direct computations.
+"""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_MODEL, TINY_RUN, run
+from model import MLP
+from moe_model import MoE, MoEConfig, MoEGPT
+
+TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0,
+            n_experts=4, moe_top_k=2, expert_hidden=64)
+IMPLS = ["loop", "grouped"]
+
+
+def moe_layer(seed=0, **overrides):
+    """One MoE layer with weights large enough that routing is far from uniform and outputs are O(1)."""
+    torch.manual_seed(seed)
+    layer = MoE(MoEConfig(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+def tiny_moe_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MoEGPT(MoEConfig(**{**TINY, **overrides}))
+
+
+def add_to_router_logits(layer, bias_E):
+    """Shift the router's logits by bias_E (a forward hook), to force routing decisions."""
+    return layer.router.register_forward_hook(lambda module, inputs, logits: logits + torch.tensor(bias_E))
+
+
+def capture_router(layer):
+    """A list that receives (router input, router logits) at every forward of layer."""
+    seen = []
+    layer.router.register_forward_hook(lambda module, inputs, logits: seen.append((inputs[0], logits)))
+    return seen
+
+
+def direct_routing(x_TD, weight_ED, k, renorm=True):
+    """Probabilities, top-k experts and routing weights computed from scratch in float64."""
+    logits_TE = x_TD.double() @ weight_ED.double().t()
+    probs_TE = logits_TE.softmax(-1)
+    top_TK = [sorted(range(probs_TE.size(1)), key=lambda e: -probs_TE[t, e].item())[:k] for t in range(len(x_TD))]
+    w_TK = [[probs_TE[t, e].item() for e in top] for t, top in enumerate(top_TK)]
+    if renorm:
+        w_TK = [[w / sum(ws) for w in ws] for ws in w_TK]
+    return logits_TE, probs_TE, top_TK, w_TK
+
+
+# ---------------------------------------------------------------- the MoE layer against direct computation
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_experts_gives_router_weighted_sum(impl):
+    layer = moe_layer(moe_top_k=4, moe_impl=impl)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        y_TD = layer(x).view(-1, 32)
+        x_TD = x.view(-1, 32)
+        probs_TE = torch.softmax(x_TD @ layer.router.weight.t(), dim=-1)
+        expected = sum(probs_TE[:, [e]] * layer.experts.expert_mlp(e, x_TD) for e in range(4))
+    assert probs_TE.max() > 0.5  # the routing is far from uniform: weights matter
+    assert torch.allclose(y_TD, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_one_expert_is_the_dense_mlp(impl, mlp):
+    layer = moe_layer(n_experts=1, moe_top_k=1, expert_hidden=None, mlp=mlp, moe_impl=impl)
+    dense = MLP(layer.config)
+    with torch.no_grad():  # nn.Linear layout: the expert's weights copy straight in
+        dense.c_fc.weight.copy_(layer.experts.c_fc[0])
+        dense.c_fc.bias.copy_(layer.experts.c_fc_bias[0])
+        dense.c_proj.weight.copy_(layer.experts.c_proj[0])
+        dense.c_proj.bias.copy_(layer.experts.c_proj_bias[0])
+        x = torch.randn(3, 5, 32)
+        assert torch.allclose(layer(x), dense(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_output_balance_and_z_against_direct_computation(impl, k):
+    layer = moe_layer(moe_top_k=k, moe_impl=impl)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        y_TD = layer(x).view(-1, 32)
+    x_TD = x.view(-1, 32)
+    logits_TE, probs_TE, top_TK, w_TK = direct_routing(x_TD, layer.router.weight.detach(), k)
+    E, T = 4, len(x_TD)
+    with torch.no_grad():
+        expected = torch.stack([sum(w * layer.experts.expert_mlp(e, x_TD[t:t + 1])[0]
+                                    for e, w in zip(top_TK[t], w_TK[t])) for t in range(T)])
+    assert torch.allclose(y_TD, expected.float(), rtol=1e-4, atol=1e-5)
+
+    counts = [sum(top.count(e) for top in top_TK) for e in range(E)]
+    f = [c / (T * k) for c in counts]
+    P = probs_TE.mean(0).tolist()
+    balance = E * sum(fi * pi for fi, pi in zip(f, P))
+    z = (torch.logsumexp(logits_TE, dim=-1) ** 2).mean().item()
+    assert layer.stats["expert_load"].tolist() == pytest.approx(f)
+    assert layer.stats["balance"].item() == pytest.approx(balance, rel=1e-5)
+    assert layer.stats["z"].item() == pytest.approx(z, rel=1e-5)
+    assert z > 0.5  # logits are not tiny, so a wrong formula would show
+
+
+def one_hot_tokens(T, D, E):
+    """Token t is the unit vector of dimension t mod E: a router weight (E, D) then reads logits off columns."""
+    x_TD = torch.zeros(T, D)
+    x_TD[torch.arange(T), torch.arange(T) % E] = 1.0
+    return x_TD.view(1, T, D)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_balance_is_one_when_routing_is_uniform(k):
+    E = 4
+    layer = moe_layer(moe_top_k=k)
+    # token t prefers expert t mod E (logit 4) and then expert t+1 mod E (logit 2): each expert is the first
+    # choice of a quarter of the tokens and the second choice of another quarter, and the mean probability
+    # of every expert is the same by symmetry
+    w_ED = torch.zeros(E, 32)
+    for d in range(E):
+        w_ED[d, d] = 4.0
+        w_ED[(d + 1) % E, d] = 2.0
+    with torch.no_grad():
+        layer.router.weight.copy_(w_ED)
+        layer(one_hot_tokens(16, 32, E))
+    assert layer.stats["expert_load"].tolist() == [0.25] * 4  # f uniform
+    assert layer.stats["balance"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_balance_is_E_when_all_tokens_go_to_one_expert():
+    layer = moe_layer(moe_top_k=1)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2].fill_(1.0)  # expert 2's logit is 50 x (sum of the token's features)
+        x = torch.rand(1, 12, 32) + 1.0  # every token has a feature sum > 32
+        layer(x)
+    assert layer.stats["expert_load"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert layer.stats["balance"].item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_balance_averages_layers_instead_of_pooling():
+    # two MoE layers, each sending every token to one expert, but not the same one: pooled over layers the
+    # counts and probabilities look perfectly balanced (loss 1); averaged per layer the loss is E = 2
+    model = tiny_moe_gpt(n_experts=2, moe_top_k=1)
+    seen = [capture_router(layer) for layer in model.moe_layers()]
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            block.ln_2.weight.zero_()  # the MoE input is the ln_2 bias for every token: e_0
+            block.ln_2.bias.zero_()
+            block.ln_2.bias[0] = 1.0
+            block.mlp.router.weight.zero_()
+            block.mlp.router.weight[i, 0] = 50.0  # layer 0 -> expert 0, layer 1 -> expert 1
+        _, _, extra = model(torch.randint(0, 32, (2, 16)))
+    assert extra["expert_load"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    per_layer = [layer.stats["balance"].item() for layer in model.moe_layers()]
+    assert per_layer == pytest.approx([2.0, 2.0], rel=1e-6)
+    assert extra["balance"].item() == pytest.approx(2.0, rel=1e-6)
+    f_pooled = extra["expert_load"].mean(0)
+    P_pooled = torch.cat([logits.softmax(-1) for s in seen for _, logits in s]).mean(0)
+    assert (2 * (f_pooled * P_pooled).sum()).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_model_losses_combine_per_layer_stats():
+    model = tiny_moe_gpt(balance_loss_weight=0.1, z_loss_weight=0.01)
+    idx = torch.randint(0, 32, (2, 16))
+    with torch.no_grad():
+        _, loss, extra = model(idx, idx)
+    layers = model.moe_layers()
+    balance = sum(layer.stats["balance"] for layer in layers) / len(layers)
+    z = sum(layer.stats["z"] for layer in layers) / len(layers)
+    assert extra["balance"].item() == pytest.approx(balance.item())
+    assert extra["z"].item() == pytest.approx(z.item())
+    assert extra["loss"].item() == pytest.approx(0.1 * balance.item() + 0.01 * z.item())
+    assert extra["expert_load"].shape == (2, 4) and extra["dropped"].tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- router precision and gradients
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_router_logits_are_float32_under_bf16_autocast(impl):
+    model = tiny_moe_gpt(moe_impl=impl)
+    seen = [capture_router(layer) for layer in model.moe_layers()]
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.weight.normal_(0.0, 1.0)  # logits of order 1: bf16 rounding would be visible
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss, extra = model(torch.randint(0, 32, (2, 16)), torch.randint(0, 32, (2, 16)))
+    assert torch.isfinite(loss) and extra["z"].dtype == torch.float32
+    for layer, calls in zip(model.moe_layers(), seen):
+        (x_TD, logits_TE), = calls
+        assert logits_TE.dtype == torch.float32
+        reference = F.linear(x_TD.float(), layer.router.weight.float())  # outside autocast
+        assert torch.allclose(logits_TE, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits_TE, reference.bfloat16().float(), rtol=1e-5, atol=1e-5)
+
+
+def test_router_gets_gradients_from_cross_entropy_and_from_balance_loss():
+    model = tiny_moe_gpt()
+    idx = torch.randint(0, 32, (2, 16))
+    _, ce, _ = model(idx, idx)
+    ce.backward()  # through the routing weights of the chosen experts
+    for layer in model.moe_layers():
+        assert layer.router.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    _, _, extra = model(idx, idx)
+    extra["balance"].backward()  # through the mean softmax probabilities P
+    for layer in model.moe_layers():
+        assert layer.router.weight.grad.abs().sum() > 0
+    assert model.moe_layers()[-1].experts.c_fc.grad is None  # the balance loss is about routing only
+
+
+def test_top1_router_learns_from_cross_entropy_only_without_renorm():
+    # renormalised, a single routing weight is p/p = 1: the CE cannot reach the router, so the top-1
+    # configs set moe_renorm=False (Switch's gate is the raw probability)
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for renorm in (True, False):
+        model = tiny_moe_gpt(moe_top_k=1, moe_renorm=renorm)
+        _, ce, _ = model(idx, idx)
+        ce.backward()
+        grads[renorm] = sum(layer.router.weight.grad.abs().sum().item() for layer in model.moe_layers())
+    assert grads[True] < 1e-6 < grads[False]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_parameter_has_a_gradient_when_an_expert_gets_no_token(impl):
+    model = tiny_moe_gpt(moe_impl=impl, n_shared_experts=1)
+    for layer in model.moe_layers():
+        add_to_router_logits(layer, [0.0, 0.0, 0.0, -1e4])  # expert 3 is never among the top 2
+    idx = torch.randint(0, 32, (2, 16))
+    _, loss, extra = model(idx, idx)
+    assert extra["expert_load"][:, 3].tolist() == [0.0, 0.0]
+    (loss + extra["loss"]).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []  # DDP requires a gradient for every parameter on every step
+    for layer in model.moe_layers():
+        assert torch.all(layer.experts.c_fc.grad[3] == 0) and layer.experts.c_fc.grad[:3].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- capacity
+
+def test_capacity_serves_top1_before_top2():
+    layer = moe_layer(n_experts=2, moe_top_k=2, capacity_factor=0.5)  # capacity ceil(2*4/2*0.5) = 2
+    expert_TK = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
+    # in token order, tokens 0 and 1 would fill both experts with their first and second choices and
+    # tokens 2 and 3 would lose even their first choice; top-1 first keeps every first choice
+    assert layer.capacity_mask(expert_TK).tolist() == [[True, False]] * 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_capacity_limits_tokens_per_expert(impl):
+    layer = moe_layer(capacity_factor=1.0, moe_impl=impl)  # capacity ceil(2*12/4) = 6
+    add_to_router_logits(layer, [3.0, 1.5, 0.0, 0.0])  # experts 0 and 1 are over-subscribed
+    x = torch.randn(1, 12, 32)
+    with torch.no_grad():
+        y_TD = layer(x).view(-1, 32)
+    x_TD = x.view(-1, 32)
+    logits_TE = x_TD @ layer.router.weight.t() + torch.tensor([3.0, 1.5, 0.0, 0.0])
+    w_TK, expert_TK = logits_TE.softmax(-1).topk(2, dim=-1)
+    w_TK = w_TK / w_TK.sum(-1, keepdim=True)  # renormalised before any drop
+    keep_TK = layer.capacity_mask(expert_TK)
+    for e in range(4):
+        wanted = (expert_TK == e).sum().item()
+        served = ((expert_TK == e) & keep_TK).sum().item()
+        assert served == min(wanted, 6)  # never over capacity, nothing dropped below it
+    assert not keep_TK.all()
+    assert layer.stats["dropped"].item() == pytest.approx(1 - keep_TK.float().mean().item())
+    with torch.no_grad():
+        expected = torch.stack([sum(w_TK[t, j] * layer.experts.expert_mlp(expert_TK[t, j].item(), x_TD[t:t + 1])[0]
+                                    for j in range(2) if keep_TK[t, j]) if keep_TK[t].any() else torch.zeros(32)
+                                for t in range(12)])
+    assert torch.allclose(y_TD, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_dropped_token_passes_through(impl):
+    layer = moe_layer(n_experts=2, moe_top_k=1, capacity_factor=0.25, moe_impl=impl)  # capacity ceil(8/2/4) = 1
+    add_to_router_logits(layer, [100.0, 0.0])  # every token wants expert 0
+    with torch.no_grad():
+        y = layer(torch.randn(1, 8, 32))[0]
+    assert y[0].abs().sum() > 0  # the first token is served
+    assert torch.equal(y[1:], torch.zeros(7, 32))  # the others add nothing: the block's residual is unchanged
+    assert layer.stats["dropped"].item() == pytest.approx(7 / 8)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def test_num_active_params_counts_k_of_E_experts():
+    D, F_, L = 32, 64, 2
+    per_expert = F_ * D + F_ + D * F_ + D  # c_fc and c_proj with biases
+    moe = tiny_moe_gpt(n_experts=4, moe_top_k=2)
+    two_experts = tiny_moe_gpt(n_experts=2, moe_top_k=2)
+    assert moe.get_num_params() == two_experts.get_num_params() + L * (2 * per_expert + 2 * D)  # + router rows
+    # a token uses 2 of the 4 experts: as many weights as the 2-expert model, plus the bigger router
+    assert moe.num_active_params() == two_experts.get_num_params() + L * 2 * D
+    assert moe.num_active_params() == moe.get_num_params() - L * 2 * per_expert
+    assert moe.flops_per_token() == 6 * moe.num_active_params() + 12 * 2 * 4 * 8 * 16
+
+    every_other = tiny_moe_gpt(n_experts=4, moe_top_k=1, moe_every=2)
+    assert len(every_other.moe_layers()) == 1 and isinstance(every_other.transformer.h[0].mlp, MLP)
+    assert every_other.num_active_params() == every_other.get_num_params() - 3 * per_expert
+
+
+# ---------------------------------------------------------------- CLI end to end
+
+MOE_FLAGS = ["--n_experts=4", "--moe_top_k=2", "--expert_hidden=64", "--log_interval=5", "--eval_interval=15"]
+LOG_LINE = re.compile(r"^iter (\d+): loss ([\d.]+), balance ([\d.]+), z ([\d.]+), lr", re.M)
+
+
+def moe_train_args(data_root, out_dir, *extra):
+    return ["train.py", "--dataset=shakespeare_char", f"--data_root={data_root}", f"--out_dir={out_dir}",
+            *TINY_MODEL, *TINY_RUN, *MOE_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, shakespeare_data):
+    work = tmp_path_factory.mktemp("moe")
+    out = work / "out"
+    r = run(moe_train_args(shakespeare_data, out, "--max_iters=30", "--lr_decay_iters=30"), cwd=work)
+    return work, out, r
+
+
+def test_moe_training_logs_each_loss_and_saves_moe_checkpoint(moe_run):
+    work, out, r = moe_run
+    assert "model: MoEGPT," in r.stdout
+    lines = LOG_LINE.findall(r.stdout)
+    assert [int(it) for it, *_ in lines] == list(range(0, 30, 5))
+    losses = [float(loss) for _, loss, _, _ in lines]
+    assert losses[-1] < losses[0] - 0.5, losses
+    for _, _, balance, z in lines:
+        assert 1.0 <= float(balance) <= 4.0 and float(z) > 0  # balance lies between balanced and collapsed
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_class"] == "MoEGPT" and ckpt["iter_num"] == 30
+    assert (ckpt["model_args"]["n_experts"], ckpt["model_args"]["moe_top_k"]) == (4, 2)
+    assert ckpt["model"]["transformer.h.1.mlp.experts.c_fc"].shape == (4, 64, 32)
+
+
+def test_moe_eval_records_expert_load_per_layer(moe_run):
+    _, out, _ = moe_run
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    evals = [m for m in records if m["type"] == "eval"]
+    assert [m["iter"] for m in evals] == [0, 15, 30]
+    for m in evals:
+        for split in ("train", "val"):
+            load = m[f"{split}_expert_load"]
+            assert len(load) == 2 and all(len(row) == 4 for row in load)  # (MoE layers, experts)
+            assert all(sum(row) == pytest.approx(1.0) for row in load)
+            assert m[f"{split}_balance"] >= 1.0
+    train = [m for m in records if m["type"] == "train"]
+    assert all({"loss", "balance", "z"} <= m.keys() for m in train)
+
+
+def test_moe_resume_and_sample(moe_run, shakespeare_data):
+    work, out, _ = moe_run
+    resumed = work / "resumed"
+    shutil.copytree(out, resumed)
+    r = run(moe_train_args(shakespeare_data, resumed, "--max_iters=40", "--lr_decay_iters=30",
+                           "--init_from=resume"), cwd=work)
+    assert [int(it) for it, *_ in LOG_LINE.findall(r.stdout)] == [30, 35]
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["iter_num"] == 40
+
+    (work / "prompt.txt").write_text("ab", encoding="utf-8")
+    r = run(["sample.py", f"--out_dir={resumed}", "--device=cpu", "--start=FILE:prompt.txt", "--num_samples=2",
+             "--max_new_tokens=30", "--stream=True"], cwd=work)
+    samples = r.stdout.split("\n---------------\n")
+    assert samples[-1] == "" and [len(s) for s in samples[:2]] == [32, 32]
+    assert all(s.startswith("ab") for s in samples[:2])
