@@ -37,12 +37,26 @@ def _check(key, value, defaults, where):
     return value
 
 
-def _exec_config_file(path, config, defaults):
+def _assigned_names(source, path):
+    """Names a config file assigns at its top level (`x = ...`, `x += ...`), whatever the value."""
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise UserError(f"config file '{path}' has a syntax error on line {e.lineno}: {e.msg}") from None
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _exec_config_file(path, config, defaults, set_keys):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' not found (positional arguments are config files, "
                         f"overrides are written --key=value)")
     with open(path) as f:
         source = f.read()
+    set_keys.update(k for k in _assigned_names(source, path) if k in defaults)
     scope = dict(config)
     try:
         exec(compile(source, path, "exec"), scope)
@@ -55,12 +69,14 @@ def _exec_config_file(path, config, defaults):
         config[key] = _check(key, value, defaults, f"config file '{path}'")
 
 
-def parse_args(defaults, argv):
-    """Return a new dict: defaults, updated by each config file and --key=value in argv, in order."""
+def parse_args(defaults, argv, set_keys=None):
+    """Return a new dict: defaults, updated by each config file and --key=value in argv, in order.
+    If a set is given as set_keys, the keys that the files and flags set are added to it."""
     config = dict(defaults)
+    set_keys = set() if set_keys is None else set_keys
     for arg in argv:
         if not arg.startswith("--"):
-            _exec_config_file(arg, config, defaults)
+            _exec_config_file(arg, config, defaults, set_keys)
             continue
         if "=" not in arg:
             raise UserError(f"'{arg}' has no value: write overrides as --key=value (e.g. --batch_size=32)")
@@ -74,4 +90,5 @@ def parse_args(defaults, argv):
         if not isinstance(value, PLAIN_TYPES):
             raise UserError(f"config key '{key}': value {raw!r} is not a plain int, float, bool, string or None")
         config[key] = _check(key, value, defaults, f"'{arg}'")
+        set_keys.add(key)
     return config

@@ -176,8 +176,8 @@ def mean_over_ranks(values, ddp):
 
 
 def main():
-    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:]))
-    explicit = {k for k, v in vars(cfg).items() if v != DEFAULTS[k]}  # what this run's config files/flags set
+    explicit = set()  # the keys this run's config files and flags set
+    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:], explicit))
 
     # ---- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
@@ -207,6 +207,10 @@ def main():
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_out_dir(cfg.out_dir)
+    if master:  # a save killed half-way leaves its temporary file behind; the checkpoint itself is whole
+        for name in os.listdir(cfg.out_dir):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(cfg.out_dir, name))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # ---- distributed (before the data, so the other ranks can wait while rank 0 prepares it)
@@ -230,17 +234,17 @@ def main():
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
+        if "block_size" in explicit and cfg.block_size > ckpt["model_args"]["block_size"]:
+            raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's "
+                            f"{ckpt['model_args']['block_size']} (resume with --block_size="
+                            f"{ckpt['model_args']['block_size']})")
+        # the model's shape comes from the checkpoint; a config that sets another one is a mistake
         differ = [f"{k}: config {getattr(cfg, k)!r} vs checkpoint {ckpt['model_args'][k]!r}"
                   for k in MODEL_KEYS if k in explicit and k in ckpt["model_args"]
                   and getattr(cfg, k) != ckpt["model_args"][k] and k not in RUNTIME_KEYS]
         if differ:
             raise UserError(f"checkpoint {ckpt_path} has another model shape ({'; '.join(differ)})")
-        if cfg.block_size > ckpt["model_args"]["block_size"]:
-            raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's "
-                            f"{ckpt['model_args']['block_size']}")
         model = model_from_checkpoint(ckpt, {k: getattr(cfg, k) for k in RUNTIME_KEYS if k in explicit})
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     elif is_hf_init(cfg.init_from):
         # GPT-2 weights (shape from the checkpoint, dropout and block_size from the config); with n_experts > 0

@@ -133,3 +133,11 @@ def test_train_cli_reports_unknown_key_in_one_line(tmp_path):
     r = run(["train.py", "--n_embed=32", "--device=cpu"], cwd=tmp_path, check=False)
     assert_user_error(r, "unknown config key 'n_embed'", "did you mean 'n_embd'?")
     assert list(tmp_path.iterdir()) == []  # nothing was created before the config was checked
+
+
+def test_set_keys_lists_what_files_and_flags_set_even_at_the_default_value(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("n_layer = 12\nimport math\n_helper = 3\n")
+    set_keys = set()
+    parse_args({"n_layer": 12, "batch_size": 8, "lr": 0.1}, [str(cfg_file), "--lr=0.1"], set_keys)
+    assert set_keys == {"n_layer", "lr"}

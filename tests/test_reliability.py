@@ -235,6 +235,17 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, m
 
 # ----------------------------------------------------------------------------- signals
 
+def test_resume_removes_the_temporary_file_of_a_save_that_was_killed(trained, data_root, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    stale = out / ".tmp-ckpt.pt1a2b3c"
+    stale.write_bytes(b"half a checkpoint")
+    assert_ok(run("train.py", *train_args(data_root, out, "--init_from=resume", "--max_iters=5", "--eval_interval=2"),
+                  cwd=tmp_path))
+    assert not stale.exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 5
+
+
 def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(data_root, tmp_path):
     # two runs side by side: one gets SIGINT, the other SIGINT and at once SIGTERM
     forever = ["--max_iters=100000", "--eval_interval=100000"]
@@ -423,7 +434,10 @@ BAD_INPUTS = [
     ("resume-other-shape", "train.py", ["--init_from=resume", "--n_layer=3"], None,
      ["another model shape", "n_layer: config 3 vs checkpoint 2"]),
     ("resume-larger-block_size", "train.py", ["--init_from=resume", "--block_size=64"], None,
-     ["block_size", "64", "checkpoint 32"]),
+     ["block_size=64 is larger than the checkpoint's 32"]),
+    # 12 is the default n_layer: a setting equal to the default still counts when the user wrote it
+    ("resume-other-shape-default-value", "train.py", ["--init_from=resume", "--n_layer=12"], None,
+     ["another model shape", "n_layer: config 12 vs checkpoint 2"]),
     ("sample-unknown-key", "sample.py", ["--temprature=0.5"], None, ["did you mean 'temperature'?"]),
     ("sample-prompt-outside-vocab", "sample.py", ["--start=ROMEO€"], None, ["not in the char vocabulary", "'€'"]),
     ("sample-prompt-file-missing", "sample.py", ["--start=FILE:{case}/prompt.txt"], None,
