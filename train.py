@@ -186,9 +186,12 @@ def main():
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
     dev = pick_device(cfg.device)
-    if ddp and dev == "cuda":
-        dev = f"cuda:{local_rank}"
+    if ddp and dev.startswith("cuda"):
+        dev = f"cuda:{local_rank}"  # one GPU per process, whatever cuda:N the config names
         torch.cuda.set_device(dev)
+    if ddp and dev == "mps":
+        raise UserError("torchrun with device 'mps' is not supported (gloo cannot reduce MPS tensors); "
+                        "train on one process, or use --device=cpu")
     master = rank == 0
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
