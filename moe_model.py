@@ -149,8 +149,8 @@ def compute_dtype(x):
 
 
 def grouped_kernel_available(device_type, dtype):
-    """torch's grouped GEMM (CUDA, bf16) exists from torch 2.8 on; elsewhere we use the fallback."""
-    return device_type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    """torch's grouped GEMM (torch >= 2.8) takes bf16, on CUDA and on CPU; elsewhere we use the fallback."""
+    return device_type in ("cuda", "cpu") and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
 def grouped_linear(x_AI, w_EOI, offsets_E, expert_A):
@@ -184,7 +184,7 @@ class MoE(nn.Module):
         self.stats = {}
 
     def use_grouped(self, x_TD):
-        """'auto' takes the grouped path where the grouped GEMM kernel runs (CUDA, bf16), the loop elsewhere."""
+        """'auto' takes the grouped path where the grouped GEMM kernel runs (bf16), the loop elsewhere."""
         impl = self.config.moe_impl
         if impl == "auto":
             return grouped_kernel_available(x_TD.device.type, compute_dtype(x_TD))

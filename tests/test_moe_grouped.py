@@ -99,3 +99,22 @@ def test_auto_uses_the_loop_where_no_grouped_kernel_runs():
     torch.manual_seed(0)
     model = MoEGPT(MoEConfig(moe_impl="auto", **TINY))
     assert not model.moe_layers()[0].use_grouped(torch.zeros(4, 32))  # CPU float32: the loop
+
+
+def test_grouped_kernel_under_bf16_autocast_matches_the_loop(monkeypatch):
+    # the same torch._grouped_mm call that runs on a GPU also runs on the CPU in bf16: check it is really
+    # taken, and that it agrees with the loop to bf16 precision (outputs and gradients)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loop, grouped = twin_models(moe_top_k=2, capacity_factor=1.0)
+    idx = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (loop, grouped):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(forward_backward(model, idx))
+    assert calls  # the grouped model ran the grouped GEMM kernel
+    torch.testing.assert_close(results[1][0].float(), results[0][0].float(), rtol=2e-2, atol=2e-2)
+    for name in results[0][1]:
+        g_loop, g_grouped = results[0][1][name], results[1][1][name]
+        assert (g_grouped - g_loop).norm() <= 0.05 * g_loop.norm() + 1e-6, name
