@@ -8,14 +8,16 @@ implementation, at equal backbone and expert size, in one process:
 Prints one line per variant (median ms/step, tokens/s, MFU over active parameters, peak memory) and the
 MoE/dense ratios. Accepts every train.py config key, plus the few below.
 """
+import os
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
 import torch
 
-from checkpoint import model_classes
+from checkpoint import model_classes, model_state, save_checkpoint
 from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
 from configurator import parse_args
 from train import DEFAULTS as TRAIN_DEFAULTS, MODEL_KEYS
@@ -27,6 +29,7 @@ DEFAULTS.update(
     bench_variants="dense,loop,grouped",  # which of dense, loop, grouped to run
     bench_warmup=3,  # untimed steps first (compilation, allocator warm-up)
     bench_steps=10,  # timed steps; the median is reported
+    bench_checkpoint=True,  # also time an atomic save of the full training checkpoint (model + AdamW state)
 )
 
 
@@ -88,7 +91,20 @@ def bench_variant(variant, cfg, dev, dtype):
         sync()
         times.append(time.perf_counter() - t0)
     peak_mem = torch.cuda.max_memory_allocated(dev) if device_type == "cuda" else None
-    return raw, statistics.median(times), peak_mem
+    save = time_checkpoint_save(raw, optimizer) if cfg.bench_checkpoint else None
+    return raw, statistics.median(times), peak_mem, save
+
+
+def time_checkpoint_save(model, optimizer, repeats=3):
+    """Median seconds of an atomic save (temp file, fsync, rename) of what train.py saves, and its size."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ckpt.pt")
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            save_checkpoint({**model_state(model), "optimizer": optimizer.state_dict()}, path)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), os.path.getsize(path)
 
 
 def main():
@@ -112,14 +128,15 @@ def main():
           f"{cfg.moe_every} layer(s), capacity_factor {cfg.capacity_factor}; median of {cfg.bench_steps} steps")
     results = {}
     for variant in variants:
-        model, dt, mem = bench_variant(variant, cfg, dev, dtype)
+        model, dt, mem, save = bench_variant(variant, cfg, dev, dtype)
         mfu = model.estimate_mfu(tokens, dt, peak)
         results[variant] = dt
         label = "dense" if variant == "dense" else f"moe-{variant}"
         print(f"{label:12s} {dt * 1000:9.2f} ms/step  {tokens / dt:12,.0f} tok/s  "
               f"mfu {'n/a' if mfu is None else f'{mfu * 100:5.1f}%'}  "
               f"peak mem {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}  "
-              f"params {model.get_num_params() / 1e6:.2f}M, active {model.num_active_params() / 1e6:.2f}M", flush=True)
+              f"params {model.get_num_params() / 1e6:.2f}M, active {model.num_active_params() / 1e6:.2f}M"
+              + (f"  ckpt save {save[0] * 1000:.0f} ms ({save[1] / 2**20:.1f} MiB)" if save else ""), flush=True)
         del model
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
