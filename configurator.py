@@ -11,6 +11,7 @@ unknown keys come with a suggestion, and a value must have the type of the key's
 import ast
 import difflib
 import os
+import sys
 
 from common import UserError
 
@@ -69,11 +70,24 @@ def _exec_config_file(path, config, defaults, set_keys):
         config[key] = _check(key, value, defaults, f"config file '{path}'")
 
 
+def print_help(defaults):
+    """-h/--help: the script's docstring and every config key with its default, then exit 0."""
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    script = os.path.basename(sys.argv[0]) or "SCRIPT"
+    print(f"{doc}\n\nusage: python {script} [config.py ...] [--key=value ...]\nconfig keys and defaults "
+          "(the README's table says what each means):")
+    for key, value in defaults.items():
+        print(f"  --{key}={value!r}")
+    sys.exit(0)
+
+
 def parse_args(defaults, argv, set_keys=None):
     """Return a new dict: defaults, updated by each config file and --key=value in argv, in order.
     If a set is given as set_keys, the keys that the files and flags set are added to it."""
     config = dict(defaults)
     set_keys = set() if set_keys is None else set_keys
+    if "-h" in argv or "--help" in argv:
+        print_help(defaults)
     for arg in argv:
         if not arg.startswith("--"):
             _exec_config_file(arg, config, defaults, set_keys)

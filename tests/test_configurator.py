@@ -141,3 +141,17 @@ def test_set_keys_lists_what_files_and_flags_set_even_at_the_default_value(tmp_p
     set_keys = set()
     parse_args({"n_layer": 12, "batch_size": 8, "lr": 0.1}, [str(cfg_file), "--lr=0.1"], set_keys)
     assert set_keys == {"n_layer", "lr"}
+
+
+def test_help_lists_every_key_with_its_default_and_exits_0(tmp_path):
+    r = run(["sample.py", "--help"], cwd=tmp_path)
+    assert "usage: python sample.py" in r.stdout
+    assert "--temperature=0.8" in r.stdout and "--out_dir='out'" in r.stdout
+
+
+def test_readme_documents_every_train_config_key():
+    import train
+    from conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in train.DEFAULTS if f"| `{k}` |" not in readme]
+    assert not missing, f"README's config table lacks {missing}"
