@@ -51,18 +51,34 @@ def _assigned_names(source, path):
     return names
 
 
-def _exec_config_file(path, config, defaults, set_keys):
+def _run_config_source(path, scope, defaults, set_keys):
+    """Exec one config file into scope. Inside it, include("other.py") first runs another config file
+    (relative to this one) into the same scope, so a variant states only what it changes."""
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' not found (positional arguments are config files, "
                         f"overrides are written --key=value)")
     with open(path) as f:
         source = f.read()
     set_keys.update(k for k in _assigned_names(source, path) if k in defaults)
-    scope = dict(config)
+    outer_include = scope.get("include")
+    folder = os.path.dirname(path)
+    scope["include"] = lambda name: _run_config_source(os.path.join(folder, name), scope, defaults, set_keys)
     try:
         exec(compile(source, path, "exec"), scope)
+    except UserError:
+        raise
     except Exception as e:  # a config file is user code: report what it raised, where, in one line
         raise UserError(f"config file '{path}' raised {type(e).__name__}: {e}") from None
+    finally:  # an included file's include() resolved from its own folder; the outer file's is restored
+        if outer_include is None:
+            del scope["include"]
+        else:
+            scope["include"] = outer_include
+
+
+def _exec_config_file(path, config, defaults, set_keys):
+    scope = dict(config)
+    _run_config_source(path, scope, defaults, set_keys)
     for key, value in scope.items():
         # modules, functions and _private helpers a config file defines are not settings
         if key.startswith("_") or not isinstance(value, PLAIN_TYPES):

@@ -1,23 +1,13 @@
-# GPT-2 (124M backbone) with MoE layers: 8 experts, top-2 (every other layer)
+# GPT-2 (124M backbone) with MoE layers: 8 experts, top-2
 # In the style of the sijunhe/nanoMoE study: MoE replaces the MLP of every other layer (moe_every = 2),
 # balance loss 0.01, router z-loss 0.001, capacity factor 1.25 (tokens past capacity are dropped).
 # prepare: python prepare.py text --input /path/to/corpus --name openwebtext --tokenizer gpt2
 # 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
+include("train_gpt2.py")  # the dense GPT-2 recipe: data, backbone, schedule; below only what MoE changes
+
 out_dir = "out-gpt2-moe"
-wandb_project = "owt"
 wandb_run_name = "gpt2-moe"
-
-dataset = "openwebtext"
-batch_size = 12
-block_size = 1024
-gradient_accumulation_steps = 5 * 8
-
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0
-bias = False
 
 n_experts = 8
 moe_top_k = 2
@@ -25,14 +15,3 @@ moe_every = 2
 capacity_factor = 1.25
 balance_loss_weight = 0.01
 z_loss_weight = 0.001
-
-max_iters = 600000
-lr_decay_iters = 600000
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 2000
-
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-weight_decay = 1e-1

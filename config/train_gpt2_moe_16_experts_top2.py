@@ -1,38 +1,9 @@
-# GPT-2 (124M backbone) with MoE layers: 16 experts, top-2
-# In the style of the sijunhe/nanoMoE study: MoE replaces the MLP of every other layer (moe_every = 2),
-# balance loss 0.01, router z-loss 0.001, capacity factor 1.25 (tokens past capacity are dropped).
-# prepare: python prepare.py text --input /path/to/corpus --name openwebtext --tokenizer gpt2
+# GPT-2 (124M backbone) with MoE in every other layer: 16 experts, top-2 (sijunhe/nanoMoE study)
 # 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe_16_experts_top2.py
 
-out_dir = "out-gpt2-moe_16_experts_top2"
-wandb_project = "owt"
-wandb_run_name = "gpt2-moe_16_experts_top2"
+include("train_gpt2_moe.py")
 
-dataset = "openwebtext"
-batch_size = 12
-block_size = 1024
-gradient_accumulation_steps = 5 * 8
-
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0
-bias = False
-
+out_dir = "out-gpt2-moe-16_experts_top2"
+wandb_run_name = "gpt2-moe-16_experts_top2"
 n_experts = 16
 moe_top_k = 2
-moe_every = 2
-capacity_factor = 1.25
-balance_loss_weight = 0.01
-z_loss_weight = 0.001
-
-max_iters = 600000
-lr_decay_iters = 600000
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 2000
-
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-weight_decay = 1e-1

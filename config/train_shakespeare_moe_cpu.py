@@ -1,35 +1,11 @@
-# a tiny MoE for CPUs (~2.4M parameters, ~1.4M active): 4 experts, 2 per token, trains in minutes
+# a tiny MoE for CPUs (~2.4M parameters, ~1.3M active): 4 experts, 2 per token, trains in minutes
 # python train.py config/train_shakespeare_moe_cpu.py
-# compare with the same-shape dense model: python train.py config/train_shakespeare_char_cpu.py
+# the same-shape dense model: python train.py config/train_shakespeare_char_cpu.py
+
+include("train_shakespeare_char_cpu.py")  # same data, backbone and schedule as the dense CPU recipe
 
 out_dir = "out-shakespeare-moe-cpu"
-eval_interval = 250
-eval_iters = 20
-log_interval = 25
-always_save_checkpoint = False
-
-dataset = "shakespeare_char"
-gradient_accumulation_steps = 1
-batch_size = 12
-block_size = 64
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-bias = False
-
 n_experts = 4
 moe_top_k = 2
 balance_loss_weight = 0.01
 z_loss_weight = 0.001
-
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-
-device = "cpu"
-compile = False

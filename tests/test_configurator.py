@@ -155,3 +155,27 @@ def test_readme_documents_every_train_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [k for k in train.DEFAULTS if f"| `{k}` |" not in readme]
     assert not missing, f"README's config table lacks {missing}"
+
+
+def test_include_runs_another_config_from_the_including_files_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "sub/base.py", "batch_size = 4\nn_embd = 64\n")
+    write(tmp_path, "sub/variant.py", 'include("base.py")\nn_embd = n_embd * 2\n')
+    set_keys = set()
+    cfg = parse_args(DEFAULTS, [str(tmp_path / "sub" / "variant.py")], set_keys)
+    assert cfg["batch_size"] == 4 and cfg["n_embd"] == 128  # the variant sees and changes the base's values
+    assert {"batch_size", "n_embd"} <= set_keys
+    write(tmp_path, "sub/broken.py", 'include("nope.py")\n')
+    assert "nope.py" in error([str(tmp_path / "sub" / "broken.py")])
+
+
+def test_every_shipped_config_parses():
+    import bench
+    import train
+    from conftest import REPO
+    for path in sorted((REPO / "config").glob("*.py")):
+        defaults = bench.DEFAULTS if path.name.startswith("bench") else train.DEFAULTS
+        cfg = parse_args(defaults, [str(path)])
+        assert cfg["out_dir"] != "out" or path.name.startswith("bench"), path.name
+    moe = parse_args(train.DEFAULTS, [str(REPO / "config" / "train_gpt2_moe_16_experts.py")])
+    assert (moe["n_experts"], moe["moe_top_k"], moe["moe_every"], moe["n_layer"]) == (16, 1, 2, 12)
