@@ -31,6 +31,12 @@ TINY_RUN = ["--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=
             "--gradient_accumulation_steps=1", "--eval_iters=2", "--warmup_iters=0", "--learning_rate=3e-3"]
 
 
+def train_args(data_root, out_dir, *extra):
+    """train.py arguments for a tiny model on the shakespeare_data fixture's dataset."""
+    return ["train.py", "--dataset=shakespeare_char", f"--data_root={data_root}", f"--out_dir={out_dir}",
+            *TINY_MODEL, *TINY_RUN, *extra]
+
+
 def run(args, cwd, env=None, check=True, timeout=300):
     """Run `python REPO/<args[0]> args[1:]` in cwd and return the CompletedProcess (text stdout/stderr).
     env holds variables added to (or replacing) the current environment; the script runs on one CPU

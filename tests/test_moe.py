@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL, TINY_RUN, run
+from conftest import run, train_args
 from model import MLP
 from moe_model import MoE, MoEConfig, MoEGPT
 
@@ -322,8 +322,7 @@ LOG_LINE = re.compile(r"^iter (\d+): loss ([\d.]+), balance ([\d.]+), z ([\d.]+)
 
 
 def moe_train_args(data_root, out_dir, *extra):
-    return ["train.py", "--dataset=shakespeare_char", f"--data_root={data_root}", f"--out_dir={out_dir}",
-            *TINY_MODEL, *TINY_RUN, *MOE_FLAGS, *extra]
+    return train_args(data_root, out_dir, *MOE_FLAGS, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run
+import conftest
+from conftest import assert_user_error, run
 
 SEPARATOR = "\n---------------\n"  # sample.py prints it after each sample
 
 
 def train_args(data_root, out_dir, *extra):
-    return ["train.py", "--dataset=shakespeare_char", f"--data_root={data_root}", f"--out_dir={out_dir}",
-            *TINY_MODEL, *TINY_RUN, "--log_interval=5", "--eval_interval=20", *extra]
+    return conftest.train_args(data_root, out_dir, "--log_interval=5", "--eval_interval=20", *extra)
 
 
 def logged_iters(stdout):
@@ -92,6 +92,6 @@ def test_sample_prompt_file_missing(dense_run):
 
 def test_missing_dataset_names_prepare_command(tmp_path):
     r = run(["train.py", "--dataset=my_notes", f"--data_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
-             *TINY_RUN], cwd=tmp_path, check=False)
+             *conftest.TINY_RUN], cwd=tmp_path, check=False)
     assert_user_error(r, f"python prepare.py text --input PATH --name my_notes --data_root {tmp_path / 'data'}")
 
