@@ -178,6 +178,13 @@ def mean_over_ranks(values, ddp):
 def main():
     explicit = set()  # the keys this run's config files and flags set
     cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:], explicit))
+    ckpt = None
+    if cfg.init_from == "resume":
+        # a resumed run is the saved run: every setting this command does not give comes from the checkpoint
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        for k, v in ckpt.get("config", {}).items():
+            if k in DEFAULTS and k not in explicit and k not in ("init_from", "out_dir"):
+                setattr(cfg, k, v)
 
     # ---- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
@@ -234,9 +241,8 @@ def main():
         vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: a multiple of 64 runs faster
 
     # ---- model
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    iter_num, best_val_loss = 0, float("inf")
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
         if "block_size" in explicit and cfg.block_size > ckpt["model_args"]["block_size"]:
             raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's "
                             f"{ckpt['model_args']['block_size']} (resume with --block_size="

@@ -78,6 +78,16 @@ def test_resume_continues_from_saved_iteration(dense_run, shakespeare_data):
     assert iters == list(range(0, 60, 5))  # the first run's records are kept, the new ones appended
 
 
+def test_resume_needs_only_out_dir_the_rest_comes_from_the_checkpoint(dense_run):
+    work, out, _ = dense_run
+    resumed = work / "resumed-short"
+    shutil.copytree(out, resumed)
+    r = run(["train.py", "--init_from=resume", f"--out_dir={resumed}", "--max_iters=45"], cwd=work)
+    assert logged_iters(r.stdout) == [40]  # same data, model, log_interval and device as the saved run
+    assert "device cpu" in r.stdout
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["iter_num"] == 45
+
+
 def test_sample_prompt_outside_vocabulary(dense_run):
     work, out, _ = dense_run
     r = sample(work, out, "--max_new_tokens=5", "--start=ab\u20ac")
