@@ -147,13 +147,15 @@ class MetricsLog:
 
 
 def check_out_dir(out_dir):
+    """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir '{out_dir}' is a file, not a folder (choose another --out_dir)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create out_dir '{out_dir}': {e.strerror} (choose another --out_dir)") from None
-    if not os.access(out_dir, os.W_OK):
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create out_dir '{out_dir}': '{existing}' is a file (choose another --out_dir)")
+    if not os.access(existing, os.W_OK):
         raise UserError(f"out_dir '{out_dir}' is not writable (choose another --out_dir or fix its permissions)")
 
 
@@ -217,11 +219,11 @@ def main():
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_out_dir(cfg.out_dir)
-    if master:  # a save killed half-way leaves its temporary file behind; the checkpoint itself is whole
-        for name in os.listdir(cfg.out_dir):
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(cfg.out_dir, name))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
+        # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
+        raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
+                        f"--out_dir (or delete the old run) to start a new one")
 
     # ---- distributed (before the data, so the other ranks can wait while rank 0 prepares it)
     if ddp:
@@ -307,6 +309,11 @@ def main():
         split = f", {accum_steps} on each of {world_size} processes" if ddp else ""
         print(f"tokens per iteration: {tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x "
               f"{cfg.batch_size} sequences x {cfg.block_size} tokens{split})")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        for name in os.listdir(cfg.out_dir):  # a save killed half-way leaves its temporary file behind
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(cfg.out_dir, name))
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None) \
         if master else None
     wandb = None

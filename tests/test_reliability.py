@@ -425,6 +425,7 @@ BAD_INPUTS = [
     ("out_dir-is-a-file", "train.py", ["--out_dir={case}/afile"], _write("afile", "x"), ["afile", "is a file"]),
     ("out_dir-under-a-file", "train.py", ["--out_dir={case}/afile/run"], _write("afile", "x"),
      ["cannot create out_dir", "afile/run"]),
+    ("scratch-over-a-checkpoint", "train.py", [], None, ["ckpt.pt already exists", "--init_from=resume"]),
     ("resume-no-checkpoint", "train.py", ["--init_from=resume"], _remove("out/ckpt.pt", "out/best.pt"),
      ["no checkpoint at", "ckpt.pt"]),
     ("resume-truncated-checkpoint", "train.py", ["--init_from=resume"], _truncate("out/ckpt.pt"),
@@ -478,7 +479,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(data_root, trained, tm
     if setup:
         setup(case)
     if script == "train.py":
-        args = train_args(case / "data", case / "out", "--max_iters=6", "--eval_interval=2")
+        # a new run goes to a new out_dir (one over a finished run's checkpoint is its own bad input)
+        resume = any(a.startswith("--init_from=resume") for a in extra) or case_id == "scratch-over-a-checkpoint"
+        args = train_args(case / "data", case / ("out" if resume else "new"), "--max_iters=6", "--eval_interval=2")
     else:
         args = [f"--out_dir={case / 'out'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
     args += [a.replace("{case}", str(case)) for a in extra]
