@@ -9,9 +9,8 @@ place that knows the Hugging Face layout; train.py (init_from='gpt2' or 'hf:/pat
 
 Hugging Face's GPT-2 keeps its linear layers in a Conv1D module whose weight is (in, out), the transpose of
 nn.Linear's (out, in); the four such matrices per layer are transposed on the way in and out. GPT-2's MLP
-uses the tanh approximation of GELU ('gelu_new') where our model uses the exact GELU, as nanoGPT does: the
-logits differ slightly (the approximation error is below 1e-3 per activation). export_hf writes
-activation_function='gelu', so transformers reproduces an exported model exactly.
+uses the tanh approximation of GELU ('gelu_new'): loaded models get mlp='gelu_tanh' and so compute exactly
+what transformers computes; export_hf writes the activation the model uses ('gelu' or 'gelu_new').
 
 Sparse upcycling (Komatsuzaki et al. 2022): every MoE layer's experts start as copies of the dense MLP they
 replace and the router starts small and random. With moe_renorm the top-k weights sum to 1, so the
@@ -101,8 +100,9 @@ def load_gpt2(name_or_path, dropout=0.0):
     _check_hf_config(hf, source)
     c = hf.config
     # GPT-2: learned positions, LayerNorm, GELU, biases everywhere, tied head; the shape comes from the config
+    mlp = "gelu" if getattr(c, "activation_function", "gelu_new") == "gelu" else "gelu_tanh"
     config = GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
-                       vocab_size=c.vocab_size, bias=True, dropout=dropout)
+                       vocab_size=c.vocab_size, bias=True, dropout=dropout, mlp=mlp)
     sd = {}
     for k, v in hf.state_dict().items():
         if k.endswith((".attn.bias", ".attn.masked_bias")):
@@ -194,10 +194,10 @@ def export_hf(model, folder):
     if hasattr(model, "moe_layers"):
         raise UserError("an MoE model cannot be written in GPT-2 (Hugging Face) format: GPT-2 has no experts")
     c = model.config
-    for name, value, gpt2 in (("pos_emb", c.pos_emb, "learned"), ("norm", c.norm, "layernorm"),
-                              ("mlp", c.mlp, "gelu")):
-        if value != gpt2:
-            raise UserError(f"the GPT-2 format needs {name}={gpt2!r}, this model has {name}={value!r}")
+    for name, value, gpt2 in (("pos_emb", c.pos_emb, ("learned",)), ("norm", c.norm, ("layernorm",)),
+                              ("mlp", c.mlp, ("gelu", "gelu_tanh"))):
+        if value not in gpt2:
+            raise UserError(f"the GPT-2 format needs {name}={gpt2[0]!r}, this model has {name}={value!r}")
     if c.n_kv_head not in (None, c.n_head):
         raise UserError(f"the GPT-2 format needs n_kv_head=None (one key/value head per head), this model has "
                         f"n_kv_head={c.n_kv_head}")
@@ -215,7 +215,7 @@ def export_hf(model, folder):
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
         "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
-        "activation_function": "gelu",  # exact GELU, as our MLP computes it (GPT-2's own is 'gelu_new')
+        "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",  # what our MLP computes
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True,

@@ -29,7 +29,7 @@ class GPTConfig:
     pos_emb: str = "learned"  # 'learned' (GPT-2) or 'rope'
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
-    mlp: str = "gelu"  # 'gelu' (GPT-2, 4x hidden) or 'swiglu'
+    mlp: str = "gelu"  # 'gelu' (4x hidden), 'gelu_tanh' (GPT-2's own tanh-approximate GELU) or 'swiglu'
 
     def __post_init__(self):
         self.validate()
@@ -45,7 +45,7 @@ class GPTConfig:
             raise UserError(f"pos_emb='rope' needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         for name, value, allowed in (("pos_emb", self.pos_emb, ("learned", "rope")),
                                      ("norm", self.norm, ("layernorm", "rmsnorm")),
-                                     ("mlp", self.mlp, ("gelu", "swiglu"))):
+                                     ("mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))):
             if value not in allowed:
                 raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -124,24 +124,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def mlp_activation(h, kind):
+    """The MLP's nonlinearity on its first projection h: GELU (exact, or GPT-2's tanh approximation), or
+    SwiGLU on h = [gate | up]."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, hidden=None, dropout=True):
         super().__init__()
-        hidden = mlp_hidden_size(config)
-        self.swiglu = config.mlp == "swiglu"
+        hidden = hidden or mlp_hidden_size(config)
+        self.kind = config.mlp
         # SwiGLU's gate and up projections share one matmul: c_fc outputs [gate | up]
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if dropout else nn.Identity()
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.kind)))
 
 
 class Block(nn.Module):

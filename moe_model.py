@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from model import GPT, MLP, GPTConfig, mlp_hidden_size
+from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
 
 
 @dataclass
@@ -85,8 +85,8 @@ class Experts(nn.Module):
     def __init__(self, config):
         super().__init__()
         E, D, F_ = config.n_experts, config.n_embd, config.hidden()
-        self.swiglu = config.mlp == "swiglu"
-        fc_out = 2 * F_ if self.swiglu else F_
+        self.kind = config.mlp
+        fc_out = 2 * F_ if self.kind == "swiglu" else F_
         self.c_fc = nn.Parameter(torch.randn(E, fc_out, D) * 0.02)
         # residual-stream projections get GPT-2's 1/sqrt(2 * n_layer) scaled init
         self.c_proj = nn.Parameter(torch.randn(E, D, F_) * 0.02 / math.sqrt(2 * config.n_layer))
@@ -94,10 +94,7 @@ class Experts(nn.Module):
         self.c_proj_bias = nn.Parameter(torch.zeros(E, D)) if config.bias else None
 
     def activation(self, h):
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
+        return mlp_activation(h, self.kind)
 
     def expert_mlp(self, e, x):
         """Expert e's MLP on x (n, D) -> (n, D)."""
@@ -179,7 +176,9 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared = None
         if config.n_shared_experts > 0:
-            self.shared = SharedExperts(config)
+            # n shared experts summed are one MLP with n times the hidden size (and one output bias);
+            # the MoE block applies dropout once, to the sum
+            self.shared = MLP(config, hidden=config.hidden() * config.n_shared_experts, dropout=False)
         self.dropout = nn.Dropout(config.dropout)
         self.stats = {}
 
@@ -233,18 +232,6 @@ class MoE(nn.Module):
                       "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
                       "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
         return self.dropout(y_TD.view(B, T, D))
-
-
-class SharedExperts(MLP):
-    """n_shared_experts always-on experts as one MLP of n times the expert hidden size (same function)."""
-
-    def __init__(self, config):
-        nn.Module.__init__(self)
-        hidden = config.hidden() * config.n_shared_experts
-        self.swiglu = config.mlp == "swiglu"
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Identity()  # the MoE block applies dropout once to the sum
 
 
 class MoEGPT(GPT):

@@ -21,6 +21,7 @@ VARIANTS = {
     "mqa": dict(n_kv_head=1),
     "rmsnorm": dict(norm="rmsnorm", bias=False),
     "swiglu": dict(mlp="swiglu"),
+    "gelu_tanh": dict(mlp="gelu_tanh"),
     "all": dict(pos_emb="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False),
 }
 
