@@ -43,6 +43,7 @@ def parse_args(argv):
     p.add_argument("--url", default=SHAKESPEARE_URL, help="shakespeare*: where to download input.txt from")
     p.add_argument("--retries", type=int, default=3, help="download retries after the first try (default 3)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a download may stall (default 30)")
+    p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
@@ -64,8 +65,10 @@ def parse_args(argv):
 class Progress:
     """A single status line on stderr, rewritten with \\r; only on a terminal, so logs stay clean."""
 
+    force_on = False  # --progress: also when stderr is not a terminal
+
     def __init__(self):
-        self.on = sys.stderr.isatty()
+        self.on = self.force_on or sys.stderr.isatty()
         self.last = 0.0
         self.shown = False
 
@@ -289,6 +292,7 @@ def build_tokenizer(kind, docs):
 
 def main(argv=None):
     args = parse_args(argv)
+    Progress.force_on = args.progress
     if args.dataset == "text":
         name = args.name or os.path.splitext(os.path.basename(os.path.abspath(args.input)))[0]
         kind = args.tokenizer or "char"

@@ -219,6 +219,12 @@ def main():
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_out_dir(cfg.out_dir)
+    wandb = None
+    if cfg.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
         # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
@@ -316,12 +322,7 @@ def main():
                 os.remove(os.path.join(cfg.out_dir, name))
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None) \
         if master else None
-    wandb = None
-    if cfg.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
+    if wandb:
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
     config_dict = vars(cfg)
     nan_iters = {int(s) for s in str(cfg.nan_inject_iters).split(",") if s.strip()}

@@ -310,3 +310,14 @@ def test_gpt2_tokenizer_round_trip():
     assert tok.decode(ids) == text
     assert tok.decode([15496, 50300, 995]) == "Hello\ufffd world"  # 50257..50303: GPT-2's padded rows
     assert Tokenizer.from_meta(tok.meta()).vocab_size == 50257 and tok.meta()["dtype"] == "uint16"
+
+
+def test_progress_for_a_folder(tmp_path, prepare_here):
+    corpus = tmp_path / "src"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.py").write_text(f"x = {i}\n")
+    quiet = prepare_here("text", "--input", corpus)
+    assert "files:" not in quiet.err  # not a terminal: no progress line in logs
+    shown = prepare_here("text", "--input", corpus, "--name", "src2", "--progress")
+    assert "reading files: 3/3" in shown.err and "tokenizing files: 3/3" in shown.err

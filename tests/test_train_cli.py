@@ -105,3 +105,14 @@ def test_missing_dataset_names_prepare_command(tmp_path):
              *conftest.TINY_RUN], cwd=tmp_path, check=False)
     assert_user_error(r, f"python prepare.py text --input PATH --name my_notes --data_root {tmp_path / 'data'}")
 
+
+
+def test_wandb_log_without_wandb_is_a_clear_error(tmp_path, shakespeare_data):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed: the missing-package message cannot be seen")
+    except ImportError:
+        pass
+    r = run(train_args(shakespeare_data, tmp_path / "out", "--wandb_log=True"), cwd=tmp_path, check=False)
+    assert_user_error(r, "pip install wandb")
+    assert not (tmp_path / "out").exists()  # nothing written
