@@ -2,6 +2,7 @@
 Small pieces shared by train.py, sample.py, bench.py and prepare.py: the user-facing error type,
 device/dtype selection and the autocast context. Each is written once here and imported everywhere.
 """
+import argparse
 import os
 import sys
 from contextlib import nullcontext
@@ -9,6 +10,14 @@ from contextlib import nullcontext
 
 class UserError(Exception):
     """Bad input from the person running a script. Printed as one 'error: ...' line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for prepare.py and plot.py, whose usage mistakes end like every other bad input: one
+    'error: ...' line and exit 2, instead of argparse's usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see: python {self.prog} --help)")
 
 
 def run_cli(main):

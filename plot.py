@@ -14,22 +14,15 @@ Two files come out:
   E = every token goes to one expert).
 metrics.jsonl may be read while a run writes it: an unfinished last line is skipped.
 """
-import argparse
 import json
 import os
 import sys
 
-from common import UserError, run_cli
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one 'error: ...' line and exit 2 like every other failure, instead of argparse's usage dump
-        raise UserError(f"{message} (see: python plot.py --help)")
+from common import ArgumentParser, UserError, run_cli
 
 
 def parse_args(argv):
-    p = Parser(description="Plot loss curves and expert load of training runs (their metrics.jsonl).")
+    p = ArgumentParser(description="Plot loss curves and expert load of training runs (their metrics.jsonl).")
     p.add_argument("runs", nargs="+", help="out_dir folders of runs (each holds a metrics.jsonl)")
     p.add_argument("-o", "--output", default="runs.png",
                    help="loss curves image (default runs.png); expert load goes to <name>_experts.png")

@@ -11,7 +11,6 @@ for a char tokenizer that is the same cut as splitting the text on characters, l
 Every output goes to a temp name first and is renamed into place at the end, so a failed run leaves the
 previous good files as they were.
 """
-import argparse
 import os
 import sys
 import time
@@ -19,21 +18,15 @@ import time
 import numpy as np
 import requests
 
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, run_cli
 from tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare", "text")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one 'error: ...' line and exit 2 like every other failure, instead of argparse's usage dump
-        raise UserError(f"{message} (see: python prepare.py --help)")
-
-
 def parse_args(argv):
-    p = Parser(description="Tokenize text into data/<name>/{train.bin,val.bin,meta.json}.")
+    p = ArgumentParser(description="Tokenize text into data/<name>/{train.bin,val.bin,meta.json}.")
     p.add_argument("dataset", choices=DATASETS, help="shakespeare_char, shakespeare, or text (your own files)")
     p.add_argument("--input", help="text file (or, for 'text', a folder read recursively) instead of downloading")
     p.add_argument("--name", help="text only: output folder name (default: the input's name without extension)")

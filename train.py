@@ -475,7 +475,7 @@ def main():
         if iter_num % cfg.log_interval == 0:
             stats = {k: float(v) if torch.as_tensor(v).dim() == 0 else v for k, v in mean_over_ranks(sums, ddp).items()}
             if master:
-                mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
+                mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak)  # per GPU
                 if mfu is not None:
                     running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                 parts = [f"loss {stats['loss']:.4f}"]
