@@ -268,12 +268,13 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Yield (B, 1) next-token tensors one by one; idx (B, T) is the conditioning context."""
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
+        """Yield (B, 1) next-token tensors one by one; idx (B, T) is the conditioning context. vocab_size
+        limits sampling to the tokenizer's ids (GPT-2's 50257 of the model's padded 50304 rows)."""
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            logits = logits[:, -1, :vocab_size] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
@@ -282,7 +283,7 @@ class GPT(nn.Module):
             yield idx_next
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
         """Append max_new_tokens sampled tokens to idx (B, T) and return the (B, T + max_new_tokens) result."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, vocab_size))
         return torch.cat([idx] + new, dim=1)

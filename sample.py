@@ -72,16 +72,16 @@ def main():
             if cfg.stream:
                 # decode everything generated so far and print what is new: a BPE character can span tokens
                 print(start, end="", flush=True)
-                new_ids, shown = [], ""
-                for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
-                    new_ids.append(t[0].item())
-                    text = tok.decode(new_ids)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a split character
-                        print(text[len(shown):], end="", flush=True)
-                        shown = text
-                print(tok.decode(new_ids)[len(shown):])
+                pending = []  # tokens not printed yet: a BPE character can span several
+                for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size):
+                    pending.append(t[0].item())
+                    text = tok.decode(pending)
+                    if not text.endswith("\ufffd"):  # else wait for the rest of a split character
+                        print(text, end="", flush=True)
+                        pending = []
+                print(tok.decode(pending))
             else:
-                y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+                y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size)
                 print(tok.decode(y[0].tolist()))
             print("---------------")
 

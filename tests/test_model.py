@@ -166,3 +166,13 @@ def test_config_validation(overrides, words):
         GPTConfig(**{**TINY, **overrides})
     for w in words:
         assert w in str(e.value)
+
+
+def test_generate_samples_only_ids_the_tokenizer_has():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.lm_head.weight[50:] += 5.0  # the padded rows would win almost every draw
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, vocab_size=50)
+    assert out[:, 1:].max() < 50
+    assert model.generate(torch.zeros(4, 1, dtype=torch.long), 20)[:, 1:].max() >= 50  # unlimited: they do
