@@ -1,41 +1,113 @@
 """
-Config parsing shared by train.py, sample.py and bench.py, with nanoGPT's semantics:
+Config parsing shared by train.py, sample.py, bench.py and export.py, with nanoGPT's semantics:
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 Positional arguments are Python files exec'd in order (they assign module-level names such as
 `batch_size = 32`); then every `--key=value` is parsed with ast.literal_eval (falling back to a plain
-string). Unlike nanoGPT, mistakes are reported as one readable line instead of a bare assert:
-unknown keys come with a suggestion, and a value must have the type of the key's default.
+string). Unlike nanoGPT, mistakes are reported as one readable line instead of a bare assert: unknown keys
+come with a suggestion, a value must have the key's type, and a value outside the key's range is refused.
+
+Each key is declared once, where it lives:
+- a model setting is a dataclass field made with setting() (model.py, moe_model.py): its annotation is its
+  type, its metadata holds its range, its choices and whether it is `runtime` (how the model computes, not
+  what it is: a run loading a checkpoint may set it anew) or part of the model (the checkpoint decides it);
+- a script setting is a module-level variable (train.py, sample.py...): its default gives its type, or an
+  annotation where the default is None (`peak_flops: float | None = None`).
 """
 import ast
 import difflib
 import os
 import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
 
 from common import UserError
 
 PLAIN_TYPES = (int, float, bool, str, type(None))
 
 
+@dataclass
+class Key:
+    """One config key: its default, the types it takes and the values that can work."""
+    default: object
+    types: tuple
+    help: str = ""
+    runtime: bool = False  # model settings only: True = may differ from the checkpoint's value
+    min: float = None  # inclusive bounds
+    max: float = None
+    above: float = None  # exclusive bounds
+    below: float = None
+    choices: tuple = None
+
+    @classmethod
+    def of_default(cls, default, annotation=None):
+        """A key typed by its annotation, else by its default (a None default without one takes any value)."""
+        if annotation is not None:
+            return cls(default, types_of(annotation))
+        return cls(default, PLAIN_TYPES if default is None else (type(default),))
+
+
+def setting(default, help="", **declaration):
+    """A config dataclass field: setting(0.0, "dropout rate", runtime=True, min=0, below=1)."""
+    return field(default=default, metadata={"help": help, **declaration})
+
+
+def types_of(annotation):
+    """int -> (int,); `int | None` -> (int, NoneType)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def dataclass_keys(config_cls, skip=()):
+    """{name: Key} for the fields of a config dataclass (GPTConfig, MoEConfig)."""
+    return {f.name: Key(f.default, types_of(f.type), **f.metadata) for f in fields(config_cls) if f.name not in skip}
+
+
+def script_keys(namespace):
+    """{name: Key} for a script's module-level settings (plain values not starting with '_')."""
+    annotations = namespace.get("__annotations__", {})
+    return {k: Key.of_default(v, annotations.get(k)) for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+
+
+def check_value(key, value, spec, where=None):
+    """value converted to the key's type (an int is fine for a float), or a UserError naming the problem."""
+    at = f" in {where}" if where else ""
+    if isinstance(value, int) and not isinstance(value, bool) and float in spec.types and int not in spec.types:
+        value = float(value)
+    if type(value) not in spec.types:
+        expected = " or ".join("None" if t is type(None) else t.__name__ for t in spec.types)
+        raise UserError(f"config key '{key}'{at} expects {expected} (default {spec.default!r}) but got "
+                        f"{type(value).__name__} {value!r}")
+    if value is None or isinstance(value, bool):
+        return value
+    if spec.choices is not None and value not in spec.choices:
+        raise UserError(f"{key}={value!r}{at} is not one of {', '.join(map(repr, spec.choices))}")
+    bounds = [(spec.min, value >= spec.min if spec.min is not None else True, ">="),
+              (spec.max, value <= spec.max if spec.max is not None else True, "<="),
+              (spec.above, value > spec.above if spec.above is not None else True, ">"),
+              (spec.below, value < spec.below if spec.below is not None else True, "<")]
+    for bound, ok, op in bounds:
+        if not ok:
+            rule = " and ".join(f"{o} {b}" for b, _, o in bounds if b is not None)
+            raise UserError(f"{key}={value!r}{at} is out of range: it must be {rule}"
+                            + (f" ({spec.help})" if spec.help else "") + f"; set --{key} to such a value")
+    return value
+
+
+def check_fields(config):
+    """Check (and convert int -> float) every field of a config dataclass instance against its declaration."""
+    for f in fields(config):
+        spec = Key(f.default, types_of(f.type), **f.metadata)
+        setattr(config, f.name, check_value(f.name, getattr(config, f.name), spec))
+
+
 def _suggest(key, known):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check(key, value, defaults, where):
-    """Reject unknown keys and values whose type differs from the default's (int for float is fine)."""
-    if key not in defaults:
-        raise UserError(f"unknown config key '{key}' in {where}{_suggest(key, list(defaults))}")
-    default = defaults[key]
-    if default is None:
-        return value  # optional settings take any plain value
-    if isinstance(default, float) and type(value) is int:
-        return float(value)
-    if type(value) is not type(default):
-        raise UserError(f"config key '{key}' in {where} expects {type(default).__name__} "
-                        f"(default {default!r}) but got {type(value).__name__} {value!r}")
-    return value
 
 
 def _assigned_names(source, path):
@@ -51,7 +123,7 @@ def _assigned_names(source, path):
     return names
 
 
-def _run_config_source(path, scope, defaults, set_keys):
+def _run_config_source(path, scope, keys, set_keys):
     """Exec one config file into scope. Inside it, include("other.py") first runs another config file
     (relative to this one) into the same scope, so a variant states only what it changes."""
     if not os.path.isfile(path):
@@ -59,10 +131,10 @@ def _run_config_source(path, scope, defaults, set_keys):
                         f"overrides are written --key=value)")
     with open(path) as f:
         source = f.read()
-    set_keys.update(k for k in _assigned_names(source, path) if k in defaults)
+    set_keys.update(k for k in _assigned_names(source, path) if k in keys)
     outer_include = scope.get("include")
     folder = os.path.dirname(path)
-    scope["include"] = lambda name: _run_config_source(os.path.join(folder, name), scope, defaults, set_keys)
+    scope["include"] = lambda name: _run_config_source(os.path.join(folder, name), scope, keys, set_keys)
     try:
         exec(compile(source, path, "exec"), scope)
     except UserError:
@@ -76,49 +148,55 @@ def _run_config_source(path, scope, defaults, set_keys):
             scope["include"] = outer_include
 
 
-def _exec_config_file(path, config, defaults, set_keys):
+def _exec_config_file(path, config, keys, set_keys):
     scope = dict(config)
-    _run_config_source(path, scope, defaults, set_keys)
+    _run_config_source(path, scope, keys, set_keys)
     for key, value in scope.items():
         # modules, functions and _private helpers a config file defines are not settings
         if key.startswith("_") or not isinstance(value, PLAIN_TYPES):
             continue
-        config[key] = _check(key, value, defaults, f"config file '{path}'")
+        if key not in keys:
+            raise UserError(f"unknown config key '{key}' in config file '{path}'{_suggest(key, list(keys))}")
+        config[key] = check_value(key, value, keys[key], f"config file '{path}'")
 
 
-def print_help(defaults):
+def print_help(keys):
     """-h/--help: the script's docstring and every config key with its default, then exit 0."""
     doc = (sys.modules["__main__"].__doc__ or "").strip()
     script = os.path.basename(sys.argv[0]) or "SCRIPT"
     print(f"{doc}\n\nusage: python {script} [config.py ...] [--key=value ...]\nconfig keys and defaults "
           "(the README's table says what each means):")
-    for key, value in defaults.items():
-        print(f"  --{key}={value!r}")
+    for key, spec in keys.items():
+        print(f"  --{key}={spec.default!r}" + (f"  # {spec.help}" if spec.help else ""))
     sys.exit(0)
 
 
-def parse_args(defaults, argv, set_keys=None):
-    """Return a new dict: defaults, updated by each config file and --key=value in argv, in order.
-    If a set is given as set_keys, the keys that the files and flags set are added to it."""
-    config = dict(defaults)
+def parse_args(keys, argv, set_keys=None):
+    """Return a new dict of values: the defaults, updated by each config file and --key=value in argv, in
+    order. keys maps each key to a Key (or to a plain default value, whose type is then the key's type). If a
+    set is given as set_keys, the keys that the files and flags set are added to it."""
+    keys = {k: v if isinstance(v, Key) else Key.of_default(v) for k, v in keys.items()}
+    config = {k: spec.default for k, spec in keys.items()}
     set_keys = set() if set_keys is None else set_keys
     if "-h" in argv or "--help" in argv:
-        print_help(defaults)
+        print_help(keys)
     for arg in argv:
         if not arg.startswith("--"):
-            _exec_config_file(arg, config, defaults, set_keys)
+            _exec_config_file(arg, config, keys, set_keys)
             continue
         if "=" not in arg:
             raise UserError(f"'{arg}' has no value: write overrides as --key=value (e.g. --batch_size=32)")
         key, raw = arg[2:].split("=", 1)
+        if key not in keys:
+            raise UserError(f"unknown config key '{key}' in '{arg}'{_suggest(key, list(keys))}")
         try:
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):
             value = raw  # a bare word such as --device=cpu is a string
-        if isinstance(defaults.get(key), str) and isinstance(value, (int, float, type(None), tuple)):
-            value = raw  # a string setting takes numbers and comma lists as written: --nan_inject_iters=3,4
+        if str in keys[key].types and type(value) not in keys[key].types:
+            value = raw  # a string setting takes numbers and comma lists as written: --bench_variants=dense,loop
         if not isinstance(value, PLAIN_TYPES):
             raise UserError(f"config key '{key}': value {raw!r} is not a plain int, float, bool, string or None")
-        config[key] = _check(key, value, defaults, f"'{arg}'")
+        config[key] = check_value(key, value, keys[key], f"'{arg}'")
         set_keys.add(key)
     return config

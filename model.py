@@ -14,28 +14,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
+from configurator import check_fields, dataclass_keys, setting
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence the model sees
-    vocab_size: int = 50304  # GPT-2's 50257 rounded up to a multiple of 64 for speed
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = None  # grouped-query attention: heads of keys/values (None = n_head)
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2
-    pos_emb: str = "learned"  # 'learned' (GPT-2) or 'rope'
-    rope_theta: float = 10000.0
-    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
-    mlp: str = "gelu"  # 'gelu' (4x hidden), 'gelu_tanh' (GPT-2's own tanh-approximate GELU) or 'swiglu'
+    # each field is a config key (train.py --n_layer=6); setting() declares its range and, for `runtime` ones,
+    # that a run loading a checkpoint may change it (the others are what the saved weights are)
+    block_size: int = setting(1024, "longest sequence the model sees", min=1)
+    vocab_size: int = setting(50304, "GPT-2's 50257 rounded up to a multiple of 64 for speed", min=1)
+    n_layer: int = setting(12, "transformer blocks", min=1)
+    n_head: int = setting(12, "attention heads", min=1)
+    n_kv_head: int | None = setting(None, "grouped-query attention: key/value heads (None = n_head)", min=1)
+    n_embd: int = setting(768, "model width", min=1)
+    dropout: float = setting(0.0, "dropout rate", runtime=True, min=0, below=1)
+    bias: bool = setting(True, "biases in Linear and LayerNorm layers, like GPT-2")
+    pos_emb: str = setting("learned", "'learned' (GPT-2) or 'rope'", choices=("learned", "rope"))
+    rope_theta: float = setting(10000.0, "RoPE base", above=0)
+    norm: str = setting("layernorm", "'layernorm' or 'rmsnorm'", choices=("layernorm", "rmsnorm"))
+    mlp: str = setting("gelu", "'gelu' (4x hidden), 'gelu_tanh' (GPT-2's own tanh GELU) or 'swiglu'",
+                       choices=("gelu", "gelu_tanh", "swiglu"))
 
     def __post_init__(self):
         self.validate()
 
     def validate(self):
-        """Shapes that cannot work raise a UserError that names the fix."""
+        """Every field within its declared range, and shapes that fit together; else a UserError."""
+        check_fields(self)
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
@@ -43,14 +48,6 @@ class GPTConfig:
             raise UserError(f"n_head={self.n_head} is not divisible by n_kv_head={kv}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError(f"pos_emb='rope' needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
-        for name, value, allowed in (("pos_emb", self.pos_emb, ("learned", "rope")),
-                                     ("norm", self.norm, ("layernorm", "rmsnorm")),
-                                     ("mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))):
-            if value not in allowed:
-                raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d):
@@ -59,9 +56,42 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def build_model(model_args):
+    """The one way to make a model from settings (a training config, a checkpoint's model_args): an MoEGPT
+    when n_experts > 0, else a dense GPT. Keys that are not model settings are ignored."""
+    if model_args.get("n_experts", 0) > 0:
+        from moe_model import MoEConfig, MoEGPT  # imported here: moe_model imports this file
+        return MoEGPT(MoEConfig.from_dict(model_args))
+    return GPT(GPTConfig.from_dict(model_args))
+
+
+def model_keys():
+    """{name: Key} of every model setting, dense and MoE, for the scripts' config keys."""
+    from moe_model import MoEConfig
+    return dataclass_keys(MoEConfig)
+
+
+def check_same_model(saved_args, wanted, explicit, source, crop=False):
+    """The model comes from saved weights (a checkpoint, a Hugging Face folder): a model setting the run gives
+    explicitly (in `explicit`) that differs from the saved one does not fit them, unless it is a runtime
+    setting. Settings the saved model does not have (MoE settings of a dense GPT-2) are not compared. With
+    crop, block_size may be smaller (the caller crops); it is never larger."""
+    keys = model_keys()
+    if "block_size" in explicit and wanted["block_size"] > saved_args["block_size"]:
+        raise UserError(f"block_size={wanted['block_size']} is larger than the {source}'s "
+                        f"{saved_args['block_size']} (use --block_size={saved_args['block_size']} or less)")
+    differ = [f"{k}: config {wanted[k]!r} vs {source} {saved_args[k]!r}" for k in keys
+              if k in explicit and k in saved_args and not keys[k].runtime and wanted[k] != saved_args[k]
+              and not (crop and k == "block_size")]
+    if differ:
+        raise UserError(f"the {source} has another model shape ({'; '.join(differ)}); remove those settings "
+                        f"to use the {source}'s")
+
+
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd)
+        # eps 1e-5, as Llama 2 and Mixtral use (nn.RMSNorm's default would be float32's machine epsilon)
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
@@ -226,7 +256,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
             # generation needs only the last position: skip the head on the others
             logits = self.lm_head(x[:, [-1], :])
@@ -246,14 +276,17 @@ class GPT(nn.Module):
                 block.attn.rope_sin = block.attn.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices (>= 2-D: linear weights, embeddings, stacked expert weights), not on
-        # biases and norm gains
+        """AdamW with weight decay on weight matrices (linear layers, embeddings, the router, the experts'
+        stacked weights) and none on biases and norm gains, decided by what a parameter is rather than by its
+        rank (the experts' stacked biases are 2-D). Fused where torch has the kernel (CUDA, CPU): it can also
+        skip a step on the device (train.py's non-finite check sets optimizer.found_inf, no host sync)."""
+        no_decay = {id(p) for m in self.modules() for name, p in m.named_parameters(recurse=False)
+                    if name.endswith("bias") or isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per active parameter (fwd + bwd) plus attention (PaLM appendix B)."""

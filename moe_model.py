@@ -25,36 +25,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
+from configurator import setting
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
 
 
 @dataclass
 class MoEConfig(GPTConfig):
-    n_experts: int = 8
-    moe_top_k: int = 2  # experts per token
-    moe_every: int = 1  # MoE in every N-th layer: 1 = all layers, 2 = every other one starting with the second
-    expert_hidden: int = None  # hidden size of each expert (None = the dense MLP's: 4 * n_embd for GELU)
-    n_shared_experts: int = 0  # always-on experts every token goes through (DeepSeekMoE)
-    balance_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    capacity_factor: float = 0.0  # 0 = dropless; > 0: each expert serves at most ceil(k*T/E * factor) tokens
-    moe_renorm: bool = True  # renormalise the top-k routing weights to sum to 1 (with top-1 this makes the
-    # gate always 1.0, so the router learns only from the balance/z losses: top-1 configs set it False)
-    router_jitter: float = 0.0  # training only: multiply router inputs by U(1-eps, 1+eps) (Switch)
-    moe_impl: str = "auto"  # 'loop' (reference), 'grouped' (fast), 'auto' = grouped
+    n_experts: int = setting(0, "experts per MoE layer (0 = a dense GPT; an MoEConfig needs at least 1)", min=0)
+    moe_top_k: int = setting(2, "experts per token", min=1)
+    moe_every: int = setting(1, "MoE in every N-th layer: 1 = all, 2 = every other one starting with the "
+                                "second", min=1)
+    expert_hidden: int | None = setting(None, "hidden size of each expert (None = the dense MLP's)", min=1)
+    n_shared_experts: int = setting(0, "always-on experts every token goes through (DeepSeekMoE)", min=0)
+    balance_loss_weight: float = setting(0.01, "weight of the balance loss", runtime=True, min=0)
+    z_loss_weight: float = setting(0.001, "weight of the router z-loss", runtime=True, min=0)
+    capacity_factor: float = setting(0.0, "0 = dropless; > 0: an expert serves at most ceil(k*T/E * factor) "
+                                          "tokens", runtime=True, min=0)
+    # with top-1, renormalising makes the gate always 1.0, so the router would learn only from the balance and
+    # z losses: top-1 configs set it False
+    moe_renorm: bool = setting(True, "renormalise the top-k routing weights to sum to 1", runtime=True)
+    router_jitter: float = setting(0.0, "training only: multiply router inputs by U(1-eps, 1+eps) (Switch)",
+                                   runtime=True, min=0, below=1)
+    moe_impl: str = setting("auto", "'loop' (reference), 'grouped' (fast), 'auto' = grouped where the grouped "
+                                    "GEMM kernel runs, else loop", runtime=True, choices=("auto", "loop", "grouped"))
 
     def validate(self):
         super().validate()
         if self.n_experts < 1:
-            raise UserError(f"n_experts must be at least 1 for an MoE model, got {self.n_experts}")
-        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise UserError(f"n_experts must be at least 1 for an MoE model, got {self.n_experts} "
+                            f"(n_experts=0 is a dense GPT: build_model makes one)")
+        if self.moe_top_k > self.n_experts:
             raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
-        if self.moe_every < 1:
-            raise UserError(f"moe_every must be at least 1, got {self.moe_every}")
-        if self.capacity_factor < 0:
-            raise UserError(f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
-        if self.moe_impl not in ("auto", "loop", "grouped"):
-            raise UserError(f"moe_impl={self.moe_impl!r} is not one of auto, loop, grouped")
 
     def is_moe_layer(self, layer_idx):
         return (layer_idx + 1) % self.moe_every == 0
