@@ -5,7 +5,7 @@ device/dtype selection and the autocast context. Each is written once here and i
 import argparse
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 
 class UserError(Exception):
@@ -27,6 +27,46 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def temp_path(path):
+    """Where path is written before it is renamed into place: a hidden name in the same folder (so the rename
+    is atomic) with our pid (so two processes never write over each other's temp file). train.py removes
+    leftovers of killed runs by the '.tmp-' prefix."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".tmp-{name}.{os.getpid()}")
+
+
+def replace_durably(tmp, path):
+    """Rename tmp over path and fsync the folder, so the rename itself survives a power cut."""
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path, mode="wb", **open_kwargs):
+    """Write path all or nothing, the one way every file we write in place is written:
+
+        with atomic_write("out/ckpt.pt") as f:
+            torch.save(ckpt, f)
+
+    The file is written under temp_path(path), flushed and fsync'ed, then renamed over path. On any failure
+    (disk full, Ctrl-C) the temp file is removed and path is as it was."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        replace_durably(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def pick_device(device):
