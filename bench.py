@@ -6,7 +6,7 @@ implementation, at equal backbone and expert size, in one process:
     python bench.py config/train_gpt2_moe.py --moe_top_k=1    # GPT-2 124M shape, on a GPU
 
 Prints one line per variant (median ms/step, tokens/s, MFU over active parameters, peak memory) and the
-MoE/dense ratios. Accepts every train.py config key, plus the few below.
+MoE/dense ratios. Accepts every train.py config key and vocab_size, plus the few below.
 """
 import os
 import statistics
@@ -17,33 +17,28 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import model_classes, model_state, save_checkpoint
+from checkpoint import model_state, save_checkpoint
 from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
-from configurator import parse_args
-from train import DEFAULTS as TRAIN_DEFAULTS, MODEL_KEYS
+from configurator import parse_args, script_keys
+from model import build_model, model_keys
+from train import RUN_KEYS
 
-DEFAULTS = dict(TRAIN_DEFAULTS)
-DEFAULTS.update(
-    n_experts=8,  # the MoE variants' experts (a dense training config still benchmarks an MoE)
-    vocab_size=50304,  # random tokens from this vocabulary
-    bench_variants="dense,loop,grouped",  # which of dense, loop, grouped to run
-    bench_warmup=3,  # untimed steps first (compilation, allocator warm-up)
-    bench_steps=10,  # timed steps; the median is reported
-    bench_checkpoint=True,  # also time an atomic save of the full training checkpoint (model + AdamW state)
-)
+# -----------------------------------------------------------------------------
+# bench.py's own keys; every train.py and model key is one too (vocab_size included: there is no dataset)
+bench_variants = "dense,loop,grouped"  # which of dense, loop, grouped to run
+bench_warmup = 3  # untimed steps first (compilation, allocator warm-up)
+bench_steps = 10  # timed steps; the median is reported
+bench_checkpoint = True  # also time an atomic save of the full training checkpoint (model + AdamW state)
+# -----------------------------------------------------------------------------
+KEYS = {**RUN_KEYS, **model_keys(), **script_keys(globals())}
 
 
 def build(variant, cfg):
-    args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    args["vocab_size"] = cfg.vocab_size
-    if variant == "dense":
-        model_cls, config_cls = model_classes("GPT")
-        args = {k: v for k, v in args.items() if k in config_cls.__dataclass_fields__}
-    else:
-        model_cls, config_cls = model_classes("MoEGPT")
-        args["moe_impl"] = variant
+    """The dense GPT, or the MoE with the variant's expert implementation, from the same settings."""
     torch.manual_seed(cfg.seed)
-    return model_cls(config_cls(**args))
+    if variant == "dense":
+        return build_model({**vars(cfg), "n_experts": 0})
+    return build_model({**vars(cfg), "moe_impl": variant})
 
 
 def bench_variant(variant, cfg, dev, dtype):
@@ -108,13 +103,14 @@ def time_checkpoint_save(model, optimizer, repeats=3):
 
 
 def main():
-    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:]))
+    cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:]))
     variants = [v.strip() for v in cfg.bench_variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ("dense", "loop", "grouped")]
     if unknown or not variants:
         raise UserError(f"bench_variants has {unknown or 'nothing'}; use a comma-separated list of dense, loop, grouped")
     if cfg.n_experts < 1 and set(variants) - {"dense"}:
-        raise UserError("the MoE variants need n_experts >= 1 (or --bench_variants=dense)")
+        raise UserError("the MoE variants need experts: set --n_experts (e.g. --n_experts=8), or "
+                        "--bench_variants=dense")
     if cfg.bench_steps < 1 or cfg.bench_warmup < 0:
         raise UserError("bench_steps must be >= 1 and bench_warmup >= 0")
     dev = pick_device(cfg.device)

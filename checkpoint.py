@@ -2,31 +2,27 @@
 Checkpoint I/O, shared by train.py, sample.py, bench.py and export.py.
 
 A checkpoint holds only tensors and plain Python values (no pickled classes), so it loads with
-torch.load(weights_only=True): opening one cannot run code. It is written to a temporary file in the same
-folder, fsync'ed, then renamed over the old one, so a crash at any moment leaves either the old or the new
-checkpoint, complete.
+torch.load(weights_only=True): opening one cannot run code. It is written with common.atomic_write (temp
+file, fsync, rename), so a crash at any moment leaves either the old or the new checkpoint, complete.
+
+What train.py saves:
+    model_args   the model's settings, once (build_model(model_args) rebuilds it: MoEGPT when n_experts > 0)
+    model        the weights, with clean names (no torch.compile / DDP prefixes)
+    tokenizer    the dataset's tokenizer (meta.json's tokenizer fields), so sampling needs no data folder
+    config       the run's other settings; optimizer, scaler, rng, iter_num, best_val_loss to resume
 """
 import os
 import pickle
+import random
 import re
-import tempfile
 import zipfile
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
-from common import UserError
-from model import GPT, GPTConfig
-
-
-def model_classes(name):
-    """Checkpoints record the model class by name; this maps the name back to (model class, config class)."""
-    if name == "GPT":
-        return GPT, GPTConfig
-    if name == "MoEGPT":
-        from moe_model import MoEConfig, MoEGPT  # imported here: moe_model imports this module's neighbours
-        return MoEGPT, MoEConfig
-    raise UserError(f"checkpoint holds an unknown model class {name!r} (expected GPT or MoEGPT)")
+from common import UserError, atomic_write, replace_durably, temp_path
+from model import build_model, model_keys
 
 
 def clean_state_dict(state_dict):
@@ -49,45 +45,27 @@ def unwrap(model):
 
 
 def model_state(model):
-    """What a checkpoint needs to rebuild the model: class name, config fields, clean weights."""
+    """What a checkpoint needs to rebuild the model: its settings and its clean weights."""
     raw = unwrap(model)
-    return {"model_class": type(raw).__name__, "model_args": asdict(raw.config),
-            "model": clean_state_dict(raw.state_dict())}
+    return {"model_args": asdict(raw.config), "model": clean_state_dict(raw.state_dict())}
 
 
 def save_checkpoint(ckpt, path):
     """Atomically write ckpt (a dict of tensors and plain values) to path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
 
 
 def link_checkpoint(src, dst):
     """Make dst the same checkpoint as src without writing it twice (hard link, copy where links fail).
     src is later replaced by rename, which leaves dst's data in place."""
-    tmp = dst + ".tmp-link"
-    if os.path.exists(tmp):
-        os.remove(tmp)
+    tmp = temp_path(dst)
     try:
         os.link(src, tmp)
     except OSError:
         import shutil
         shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    replace_durably(tmp, dst)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -120,21 +98,35 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-# model settings that change how the model runs, not the shape of its weights: a run that loads a
-# checkpoint may set them anew (e.g. train with moe_impl='loop', sample with 'grouped')
-RUNTIME_KEYS = ("dropout", "moe_impl", "router_jitter", "balance_loss_weight", "z_loss_weight", "capacity_factor",
-                "moe_renorm")
-
-
 def model_from_checkpoint(ckpt, overrides=None):
-    """Rebuild the model class the checkpoint was saved from, with its weights. overrides may set
-    RUNTIME_KEYS (other keys would not fit the saved weights)."""
-    model_cls, config_cls = model_classes(ckpt.get("model_class", "GPT"))
+    """Rebuild the checkpoint's model with its weights. overrides may set runtime model settings (moe_impl,
+    dropout, ...: declared `runtime` on the config fields); others would not fit the saved weights."""
+    keys = model_keys()
     args = dict(ckpt["model_args"])
-    args.update({k: v for k, v in (overrides or {}).items() if k in RUNTIME_KEYS and k in args})
-    model = model_cls(config_cls(**args))
+    args.update({k: v for k, v in (overrides or {}).items() if k in keys and keys[k].runtime})
+    model = build_model(args)
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit its own model config: {str(e).splitlines()[0]}") from None
     return model
+
+
+def rng_state(batch_state):
+    """Every random state a resumed run needs to continue exactly (as tensors and plain values)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": batch_state,
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, batch_gen):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    batch_gen.set_state(state["batch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

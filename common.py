@@ -3,6 +3,7 @@ Small pieces shared by train.py, sample.py, bench.py and prepare.py: the user-fa
 device/dtype selection and the autocast context. Each is written once here and imported everywhere.
 """
 import argparse
+import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -135,3 +136,29 @@ def gpu_peak_flops(device, configured=None):
             if key in name:
                 return flops
     return None
+
+
+def cpu_matmul_flops():
+    """FLOP/s of a float32 1024x1024 matmul on this CPU (best of 3, about 0.1 s). The matrix is not random:
+    drawing it would move the global RNG, and a resumed run must continue it exactly."""
+    import time
+
+    import torch  # imported on use: prepare.py needs this module but not torch
+
+    a = torch.full((1024, 1024), 0.5)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / best
+
+
+def duration(seconds):
+    """3h05m, 4m10s, 12s: how long, at a glance."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

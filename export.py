@@ -10,37 +10,38 @@ transformers, other tools and the hub:
 
 Only the GPT-2 architecture fits the format (learned positions, LayerNorm, GELU, full attention heads); an
 MoE checkpoint does not (GPT-2 has no experts). No tokenizer is written: token ids are those of the
-dataset the run trained on (for GPT-2 BPE, transformers' GPT2TokenizerFast.from_pretrained('gpt2')).
+tokenizer the checkpoint names (for GPT-2 BPE, transformers' GPT2TokenizerFast.from_pretrained('gpt2')).
 """
 import os
 import sys
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, run_cli
-from configurator import parse_args
+from configurator import parse_args, script_keys
 from hf_gpt2 import export_hf
 
-DEFAULTS = dict(
-    out_dir="out",  # folder of the training run
-    ckpt="ckpt.pt",  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
-    hf_dir=None,  # where to write the Hugging Face folder (None = out_dir/hf)
-)
+# -----------------------------------------------------------------------------
+out_dir = "out"  # folder of the training run
+ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
+hf_dir: str | None = None  # where to write the Hugging Face folder (None = out_dir/hf)
+# -----------------------------------------------------------------------------
+KEYS = script_keys(globals())
 
 
 def main():
-    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    cfg = parse_args(KEYS, sys.argv[1:])
     path = os.path.join(cfg["out_dir"], cfg["ckpt"])
     hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
     ckpt = load_checkpoint(path)
-    if ckpt.get("model_class", "GPT") != "GPT":
-        n = ckpt["model_args"].get("n_experts", "?")
+    n = ckpt["model_args"].get("n_experts", 0)
+    if n > 0:
         raise UserError(f"{path} holds an MoE model ({n} experts): the GPT-2 (Hugging Face) format has no "
                         f"experts, so only dense checkpoints can be exported")
     model = model_from_checkpoint(ckpt)
     export_hf(model, hf_dir)
-    tokenizer = ckpt.get("config", {}).get("dataset", "?")
+    tokenizer = ckpt.get("tokenizer", {}).get("tokenizer", "unknown")
     print(f"wrote {hf_dir}/config.json and model.safetensors ({model.get_num_params() / 1e6:.2f}M parameters, "
-          f"token ids of dataset '{tokenizer}'); load with transformers.GPT2LMHeadModel.from_pretrained('{hf_dir}')")
+          f"token ids of the {tokenizer} tokenizer); load with transformers.GPT2LMHeadModel.from_pretrained('{hf_dir}')")
 
 
 if __name__ == "__main__":

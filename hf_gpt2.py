@@ -23,13 +23,11 @@ from dataclasses import asdict, fields
 import torch
 
 from common import UserError
-from model import GPT, GPTConfig, mlp_hidden_size
+from model import GPT, GPTConfig, check_same_model, mlp_hidden_size
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face's Conv1D weights are (in, out): these are transposed to and from nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# model fields a GPT-2 checkpoint decides (dropout comes from the training config, block_size can be cropped)
-CHECKPOINT_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("dropout", "block_size", "rope_theta")]
 
 
 def is_hf_init(init_from):
@@ -168,13 +166,8 @@ def model_for_training(cfg, explicit=()):
 
     dense = load_gpt2(cfg["init_from"], dropout=cfg["dropout"])
     arch = asdict(dense.config)
-    differ = [f"{k}: config {cfg[k]!r} vs checkpoint {arch[k]!r}" for k in CHECKPOINT_KEYS
-              if k in explicit and k in cfg and cfg[k] != arch[k]]
-    if differ:
-        raise UserError(f"init_from={cfg['init_from']!r} takes the model shape from the checkpoint; remove the "
-                        f"settings that disagree ({'; '.join(differ)})")
-    if cfg["block_size"] > dense.config.block_size:
-        raise UserError(f"block_size={cfg['block_size']} is larger than the checkpoint's {dense.config.block_size}")
+    # block_size is compared even when the config file only inherits it: GPT-2's 1024 crops to a smaller one
+    check_same_model(arch, cfg, set(explicit) | {"block_size"}, "checkpoint", crop=True)
     if cfg["block_size"] < dense.config.block_size:
         dense.crop_block_size(cfg["block_size"])
     if cfg.get("n_experts", 0) <= 0:

@@ -65,10 +65,10 @@ def build_model(model_args):
     return GPT(GPTConfig.from_dict(model_args))
 
 
-def model_keys():
-    """{name: Key} of every model setting, dense and MoE, for the scripts' config keys."""
-    from moe_model import MoEConfig
-    return dataclass_keys(MoEConfig)
+def model_keys(skip=()):
+    """{name: Key} of every model setting, dense and MoE: config keys of train.py and bench.py."""
+    from moe_model import MoEConfig  # imported here: moe_model imports this file
+    return dataclass_keys(MoEConfig, skip)
 
 
 def check_same_model(saved_args, wanted, explicit, source, crop=False):
@@ -218,7 +218,8 @@ class GPT(nn.Module):
         return MLP(self.config)
 
     def extra_losses(self):
-        """Losses and stats a subclass adds after a forward pass; 'loss' (if present) is added to the CE."""
+        """Losses and stats a subclass adds after a forward pass; 'aux_loss' (if present) is added to the
+        cross-entropy by the training loop."""
         return {}
 
     def _init_weights(self, module):

@@ -245,14 +245,14 @@ class MoEGPT(GPT):
         return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
 
     def extra_losses(self):
-        """Averages over MoE layers of the balance loss and z-loss, their weighted sum ('loss', added to the
-        cross-entropy), and per-layer expert load (L_moe, E) and dropped fraction (L_moe,)."""
+        """Averages over MoE layers of the balance loss and z-loss, their weighted sum ('aux_loss', added to
+        the cross-entropy), and per-layer expert load (L_moe, E) and dropped fraction (L_moe,)."""
         stats = [layer.stats for layer in self.moe_layers()]
         if not stats:
             return {}
         balance = torch.stack([s["balance"] for s in stats]).mean()
         z = torch.stack([s["z"] for s in stats]).mean()
-        return {"loss": self.config.balance_loss_weight * balance + self.config.z_loss_weight * z,
+        return {"aux_loss": self.config.balance_loss_weight * balance + self.config.z_loss_weight * z,
                 "balance": balance, "z": z,
                 "expert_load": torch.stack([s["expert_load"] for s in stats]),
                 "dropped": torch.stack([s["dropped"] for s in stats])}

@@ -14,11 +14,10 @@ Two files come out:
   E = every token goes to one expert).
 metrics.jsonl may be read while a run writes it: an unfinished last line is skipped.
 """
-import json
 import os
-import sys
 
 from common import ArgumentParser, UserError, run_cli
+from metrics import read_metrics
 
 
 def parse_args(argv):
@@ -28,31 +27,6 @@ def parse_args(argv):
                    help="loss curves image (default runs.png); expert load goes to <name>_experts.png")
     p.add_argument("--x", choices=("iter", "tokens"), default="iter", help="x axis: iter (default) or tokens")
     return p.parse_args(argv)
-
-
-def read_metrics(run_dir):
-    """The records of run_dir/metrics.jsonl in iteration order. A line that is not JSON is skipped: the last
-    one is normal (train.py is writing it), any other is reported."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"no metrics.jsonl in '{run_dir}' (give the out_dir of a train.py run)")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
-                print(f"warning: {path} line {i + 1} is not JSON; skipped", file=sys.stderr)
-            continue
-        if isinstance(record, dict) and "iter" in record:
-            records.append(record)
-    if not records:
-        raise UserError(f"{path} has no records yet (the run logs its first one after the first eval or step)")
-    return sorted(records, key=lambda r: r["iter"])  # stable: a step's eval stays before its train line
 
 
 def run_labels(dirs):

@@ -11,44 +11,43 @@ from types import SimpleNamespace
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError, autocast_context, compile_supported, pick_device, pick_dtype, run_cli
-from configurator import parse_args
-from tokenizer import Tokenizer, load_meta
+from common import Progress, UserError, autocast_context, pick_device, pick_dtype, run_cli
+from configurator import parse_args, script_keys
+from tokenizer import Tokenizer
 
-DEFAULTS = dict(
-    out_dir="out",  # folder of the training run
-    ckpt="ckpt.pt",  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
-    start="\n",  # prompt, or FILE:path to read it from a file
-    num_samples=3,
-    max_new_tokens=500,
-    temperature=0.8,  # < 1 is more conservative, > 1 more random
-    top_k=200,  # sample only from the top_k most likely tokens (None = all)
-    seed=1337,
-    device="auto",
-    dtype="auto",
-    compile=False,  # torch.compile pays off only for long generations
-    stream=False,  # print tokens as they are generated (one sample at a time)
-    data_root="data",  # where prepare.py wrote the dataset (for its tokenizer meta)
-)
+# -----------------------------------------------------------------------------
+out_dir = "out"  # folder of the training run
+ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
+start = "\n"  # prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8  # < 1 is more conservative, > 1 more random
+top_k: int | None = 200  # sample only from the top_k most likely tokens (None = all)
+seed = 1337
+device = "auto"
+dtype = "auto"
+stream = False  # print tokens as they are generated (one sample at a time)
+# -----------------------------------------------------------------------------
+KEYS = script_keys(globals())
 
 
 def main():
-    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:]))
+    cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:]))
     dev = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, dev)
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
     if cfg.temperature <= 0:
         raise UserError(f"temperature must be > 0, got {cfg.temperature}")
-    if cfg.top_k is not None and (type(cfg.top_k) is not int or cfg.top_k < 1):
-        raise UserError(f"top_k must be a positive int or None, got {cfg.top_k!r}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"top_k must be at least 1 (or None for all tokens), got {cfg.top_k}")
 
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
     model = model_from_checkpoint(ckpt)
-    # the tokenizer is the one the run was trained with: the dataset's meta.json
-    train_cfg = ckpt.get("config", {})
-    meta = load_meta(os.path.join(train_cfg.get("data_root", cfg.data_root), train_cfg.get("dataset", "")))
-    tok = Tokenizer.from_meta(meta)
+    if "tokenizer" not in ckpt:
+        raise UserError(f"{cfg.out_dir}/{cfg.ckpt} holds no tokenizer (it was saved by an older nanoMoE); "
+                        f"train it again, or resume it for one step with a current train.py to add it")
+    tok = Tokenizer.from_meta(ckpt["tokenizer"])  # the tokenizer the run was trained with, kept in the checkpoint
     del ckpt
 
     start = cfg.start
@@ -64,8 +63,6 @@ def main():
 
     torch.manual_seed(cfg.seed)
     model.eval().to(dev)
-    if cfg.compile and compile_supported(dev):
-        model = torch.compile(model)
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
     with torch.no_grad(), autocast_context(dev, dtype):
         for _ in range(cfg.num_samples):
@@ -81,8 +78,13 @@ def main():
                         pending = []
                 print(tok.decode(pending))
             else:
-                y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size)
-                print(tok.decode(y[0].tolist()))
+                progress = Progress()  # a status line on a terminal, for long generations
+                new = []
+                for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size):
+                    new.append(t)
+                    progress.update(f"generating: {len(new)}/{cfg.max_new_tokens} tokens")
+                progress.done()
+                print(tok.decode(torch.cat([x] + new, dim=1)[0].tolist()))
             print("---------------")
 
 

@@ -8,31 +8,30 @@ Several GPUs or nodes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
 The model is an MoEGPT when the config asks for experts (n_experts > 0), a dense GPT otherwise. The loss
-optimised is cross-entropy + balance_loss_weight * balance + z_loss_weight * z; the log shows each part.
+optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z;
+the log shows each part (`loss` is always the cross-entropy).
 """
-import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batches import TokenData
-from checkpoint import (RUNTIME_KEYS, link_checkpoint, load_checkpoint, model_classes, model_from_checkpoint, model_state,
-                        save_checkpoint, unwrap)
-from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
-from configurator import parse_args
+from checkpoint import (link_checkpoint, load_checkpoint, model_from_checkpoint, model_state, rng_state,
+                        save_checkpoint, set_rng_state)
+from common import UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
+from configurator import parse_args, script_keys
 from hf_gpt2 import is_hf_init, model_for_training
-from moe_model import MoEConfig
+from metrics import MetricsLog
+from model import build_model, check_same_model, model_keys
+from parallel import any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
@@ -54,7 +53,7 @@ dataset = "openwebtext"
 data_root = "data"  # datasets live in data_root/<dataset>/ as written by prepare.py
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, over all processes together
 batch_size = 12  # sequences per micro-step per process
-# model: every field of MoEConfig (and so of GPTConfig) is a config key; see model.py and moe_model.py
+# model: every field of GPTConfig (model.py) and MoEConfig (moe_model.py) is a config key too
 # adamw optimizer
 learning_rate = 6e-4
 max_iters = 600000
@@ -73,77 +72,173 @@ device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'm
 dtype = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
 compile = True  # torch.compile the model (turned off where it does not work: CPU, MPS)
 seed = 1337
-peak_flops = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
+peak_flops: float | None = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
 max_nonfinite_steps = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
-nan_inject_iters = ""  # testing aid: comma-separated iterations whose loss is made NaN
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
-MODEL_KEYS = [f.name for f in fields(MoEConfig) if f.name != "vocab_size"]  # vocab comes from the dataset
-DEFAULTS.update({k: getattr(MoEConfig, k) for k in MODEL_KEYS})
-DEFAULTS["n_experts"] = 0  # dense unless a config asks for experts
+RUN_KEYS = script_keys(globals())  # the settings of the run; the model's come from its config classes
+KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides vocab_size
 
 
-def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+def main():
+    cfg, explicit, ckpt = load_config(sys.argv[1:])
+    proc = setup_processes(cfg)
+    check_run(cfg, proc)
+    join(proc, cfg.backend)
+    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
+    raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
+    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+
+    torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
+    batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               proc.device_type)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
+    if ckpt:
+        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
+        ckpt = None  # free the memory
+    model = torch.compile(raw_model) if proc.compile else raw_model
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    ctx = autocast_context(proc.device, proc.dtype)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if proc.master:
+        describe_run(raw_model, cfg, proc, tokens_per_iter)
+    metrics = start_out_dir(cfg, iter_num if cfg.init_from == "resume" else None) if proc.master else None
+    wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
+    run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
+                          metrics=metrics, wandb=wandb,
+                          ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                          tokenizer={k: data.meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in data.meta})
+
+    if cfg.eval_only:
+        evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+        finish(proc)
+        return
+    stop_requested = install_stop_handlers(proc.master)
+    peak = gpu_peak_flops(proc.device, cfg.peak_flops)
+    accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
+    nonfinite = SimpleNamespace(pending=[], in_row=0, total=0)  # steps whose update was skipped
+    model.train()
+    batch_state = batch_gen.get_state()  # the generator before it drew this iteration's first batch
+    x, y = data.get_batch("train", cfg.batch_size, batch_gen, proc.device)
+    t0, step_time, running_mfu, last_eval_iter = time.time(), None, -1.0, None
+    while iter_num < cfg.max_iters:
+        if iter_num % cfg.eval_interval == 0 and last_eval_iter != iter_num:
+            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                save(run, "eval", iter_num, best_val_loss, optimizer, scaler, batch_state, improved)
+            last_eval_iter, t0 = iter_num, time.time()  # the eval's time is not the step's
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        sums = {}
+        for micro_step in range(accum_steps):
+            # under DDP gradients are all-reduced only on the last micro-step
+            sync = not proc.ddp or micro_step == accum_steps - 1
+            with (nullcontext() if sync else model.no_sync()), ctx:
+                _, loss, extra = model(x, y)
+                aux_loss = extra.get("aux_loss", 0.0)  # the MoE's weighted balance + z losses
+            # the next batch is drawn while the GPU works on this one
+            if micro_step == accum_steps - 1:
+                batch_state = batch_gen.get_state()
+            x, y = data.get_batch("train", cfg.batch_size, batch_gen, proc.device)
+            scaler.scale((loss + aux_loss) / accum_steps).backward()
+            for k, v in {"loss": loss, **extra}.items():
+                if k != "aux_loss":
+                    sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # a non-finite loss or gradient skips the update; the flag stays on the device (no host sync per step)
+        # and is read at the next log step or save. Under fp16 the GradScaler skips inf gradients itself.
+        bad = ~torch.isfinite(sums["loss"])
+        if proc.dtype != "float16":
+            bad = bad | ~torch.isfinite(grad_norm)
+        bad = any_rank(bad, proc)  # under DDP every rank skips the same steps
+        step_unless(bad, optimizer, scaler)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite.pending.append((iter_num, bad))
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+        if iter_num % cfg.log_interval == 0:
+            check_nonfinite(nonfinite, run)
+            stats = {k: v for k, v in mean_over_ranks(sums, proc).items()}
+            if proc.master:
+                mfu = raw_model.estimate_mfu(tokens_per_iter // proc.world_size, dt, peak)  # per GPU
+                if mfu is not None:
+                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+                eta = step_time * (cfg.max_iters - iter_num - 1)
+                print(log_line(iter_num, cfg.max_iters, stats, lr, dt, tokens_per_iter, running_mfu, eta), flush=True)
+                log_metrics(run, {"type": "train", "iter": iter_num, "time": t1,
+                                  "tokens": (iter_num + 1) * tokens_per_iter, "lr": lr, "ms_per_iter": dt * 1000,
+                                  "tokens_per_sec": tokens_per_iter / dt, "mfu": mfu, "grad_norm": grad_norm,
+                                  **stats})
+        iter_num += 1
+        if cfg.save_interval and iter_num % cfg.save_interval == 0:
+            check_nonfinite(nonfinite, run)
+            save(run, f"save_interval {cfg.save_interval}", iter_num, best_val_loss, optimizer, scaler, batch_state)
+        # a signal stops the run after this step; under DDP every rank must agree on which step, so the ranks
+        # compare their flags (a collective) at log steps only
+        if (not proc.ddp or iter_num % cfg.log_interval == 0) and any_rank(bool(stop_requested), proc):
+            check_nonfinite(nonfinite, run)
+            save(run, "stopped by signal", iter_num, best_val_loss, optimizer, scaler, batch_state)
+            if proc.master:
+                print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+            break
+    else:
+        check_nonfinite(nonfinite, run)
+        if last_eval_iter != iter_num:  # the final model is always evaluated (and saved by the usual rule)
+            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                save(run, "eval", iter_num, best_val_loss, optimizer, scaler, batch_state, improved)
+    finish(proc)
 
 
-def rng_state(batch_gen):
-    """Every random state a resumed run needs to continue exactly (as tensors and plain values)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+# -----------------------------------------------------------------------------
+# setup
+
+def load_config(argv):
+    """The run's settings, the keys its config files and flags set, and (init_from='resume') the checkpoint,
+    whose settings fill every key the command does not give: a resumed run is the saved run."""
+    explicit = set()
+    cfg = SimpleNamespace(**parse_args(KEYS, argv, explicit))
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
+            if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
+                setattr(cfg, k, v)
+    return cfg, explicit, ckpt
 
 
-def set_rng_state(state, batch_gen):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    batch_gen.set_state(state["batch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def record_iter(line):
-    """The iter of a metrics.jsonl line; a line torn by a crash mid-write counts as after any checkpoint."""
-    try:
-        return json.loads(line).get("iter", 0)
-    except ValueError:
-        return math.inf
-
-
-class MetricsLog:
-    """out_dir/metrics.jsonl: one JSON object per log line and per eval, appended and flushed, so it can be
-    read (plotted) while the run goes on."""
-
-    def __init__(self, path, resume_iter):
-        self.path = path
-        if resume_iter is not None and os.path.exists(path):
-            # a resumed run redoes the iterations after its checkpoint: drop their old records
-            with open(path) as f:
-                kept = [line.rstrip("\n") + "\n" for line in f if line.strip() and record_iter(line) < resume_iter]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-        elif resume_iter is None and os.path.exists(path):
-            os.replace(path, path + ".prev")  # a new run from scratch keeps the old record aside, not mixed in
-        self.file = open(path, "a")
-
-    def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+def check_run(cfg, proc):
+    """Everything that can be checked before anything is written or any process group is joined."""
+    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_iters", "log_interval",
+                 "eval_interval"):
+        if getattr(cfg, name) < (0 if name == "max_iters" else 1):
+            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.gradient_accumulation_steps % proc.world_size:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                        f"world size {proc.world_size} (use a multiple of {proc.world_size})")
+    if cfg.init_from not in ("scratch", "resume") and not is_hf_init(cfg.init_from):
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
+                        f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
+    check_out_dir(cfg.out_dir)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
+        # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
+        raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
+                        f"--out_dir (or delete the old run) to start a new one")
+    if cfg.wandb_log and proc.master:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
 
 
 def check_out_dir(out_dir):
@@ -159,220 +254,82 @@ def check_out_dir(out_dir):
         raise UserError(f"out_dir '{out_dir}' is not writable (choose another --out_dir or fix its permissions)")
 
 
-def mean_over_ranks(values, ddp):
-    """Average a dict of floats/tensors over DDP ranks so the log shows the global picture."""
-    if not ddp:
-        return values
-    keys = list(values)
-    flat = torch.cat([torch.as_tensor(values[k], dtype=torch.float32).flatten().cpu() for k in keys])
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flat = flat.to(device)
-    dist.all_reduce(flat)
-    flat = (flat / dist.get_world_size()).cpu()
-    out, i = {}, 0
-    for k in keys:
-        n = torch.as_tensor(values[k]).numel()
-        out[k] = flat[i:i + n].view_as(torch.as_tensor(values[k], dtype=torch.float32))
-        i += n
-    return out
-
-
-def main():
-    explicit = set()  # the keys this run's config files and flags set
-    cfg = SimpleNamespace(**parse_args(DEFAULTS, sys.argv[1:], explicit))
-    ckpt = None
-    if cfg.init_from == "resume":
-        # a resumed run is the saved run: every setting this command does not give comes from the checkpoint
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        for k, v in ckpt.get("config", {}).items():
-            if k in DEFAULTS and k not in explicit and k not in ("init_from", "out_dir"):
-                setattr(cfg, k, v)
-
-    # ---- processes and devices
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    dev = pick_device(cfg.device)
-    if ddp and dev.startswith("cuda"):
-        dev = f"cuda:{local_rank}"  # one GPU per process, whatever cuda:N the config names
-        torch.cuda.set_device(dev)
-    if ddp and dev == "mps":
-        raise UserError("torchrun with device 'mps' is not supported (gloo cannot reduce MPS tensors); "
-                        "train on one process, or use --device=cpu")
-    master = rank == 0
-    if cfg.gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
-                        f"world size {world_size} (use a multiple of {world_size})")
-    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps on this process
-    dtype = pick_dtype(cfg.dtype, dev)
-    device_type = dev.split(":")[0]
-    use_compile = cfg.compile and compile_supported(dev)
-    if cfg.compile and not use_compile and master:
-        print(f"note: torch.compile is off on device '{dev}' (it is used on CUDA)")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_iters", "log_interval",
-                 "eval_interval"):
-        if getattr(cfg, name) < (0 if name == "max_iters" else 1):
-            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.init_from not in ("scratch", "resume") and not is_hf_init(cfg.init_from):
-        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
-                        f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
-    check_out_dir(cfg.out_dir)
-    wandb = None
-    if cfg.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
-        # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
-        raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
-                        f"--out_dir (or delete the old run) to start a new one")
-
-    # ---- distributed (before the data, so the other ranks can wait while rank 0 prepares it)
-    if ddp:
-        be = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-        dist.init_process_group(backend=be)
-
-    # ---- data
-    if cfg.dataset == "shakespeare_char" and not os.path.isdir(os.path.join(cfg.data_root, cfg.dataset)) and master:
-        import prepare
-        print(f"{cfg.data_root}/shakespeare_char is missing: preparing it now")
-        prepare.main(["shakespeare_char", "--data_root", cfg.data_root])
-    if ddp:
-        dist.barrier()  # every rank reads the data only once rank 0 has finished writing it
-    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)
-    vocab_size = data.meta["vocab_size"]
-    if data.meta["tokenizer"] == "gpt2":
-        vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: a multiple of 64 runs faster
-
-    # ---- model
-    iter_num, best_val_loss = 0, float("inf")
-    if cfg.init_from == "resume":
-        if "block_size" in explicit and cfg.block_size > ckpt["model_args"]["block_size"]:
-            raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's "
-                            f"{ckpt['model_args']['block_size']} (resume with --block_size="
-                            f"{ckpt['model_args']['block_size']})")
+def make_model(cfg, explicit, ckpt, data):
+    """The model to train: the checkpoint's (resume), GPT-2's weights (init_from='gpt2' or 'hf:/path',
+    sparse-upcycled when n_experts > 0) or a new one from the config. The same seed on every rank gives
+    every rank the same initial weights."""
+    settings = vars(cfg)
+    if ckpt is not None:
         # the model's shape comes from the checkpoint; a config that sets another one is a mistake
-        differ = [f"{k}: config {getattr(cfg, k)!r} vs checkpoint {ckpt['model_args'][k]!r}"
-                  for k in MODEL_KEYS if k in explicit and k in ckpt["model_args"]
-                  and getattr(cfg, k) != ckpt["model_args"][k] and k not in RUNTIME_KEYS]
-        if differ:
-            raise UserError(f"checkpoint {ckpt_path} has another model shape ({'; '.join(differ)})")
-        model = model_from_checkpoint(ckpt, {k: getattr(cfg, k) for k in RUNTIME_KEYS if k in explicit})
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        check_same_model({"n_experts": 0, **ckpt["model_args"]}, settings, explicit, "checkpoint")
+        model = model_from_checkpoint(ckpt, {k: settings[k] for k in explicit if k in KEYS})
     elif is_hf_init(cfg.init_from):
-        # GPT-2 weights (shape from the checkpoint, dropout and block_size from the config); with n_experts > 0
-        # sparse-upcycled: every expert starts as a copy of the MLP it replaces
-        torch.manual_seed(cfg.seed)  # the same router init on every rank
-        model = model_for_training(vars(cfg), explicit)
+        torch.manual_seed(cfg.seed)
+        model = model_for_training(settings, explicit)
     else:
-        model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-        model_args["vocab_size"] = vocab_size
-        class_name = "MoEGPT" if cfg.n_experts > 0 else "GPT"
-        model_cls, config_cls = model_classes(class_name)
-        if class_name == "GPT":
-            model_args = {k: v for k, v in model_args.items() if k in {f.name for f in fields(config_cls)}}
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = model_cls(config_cls(**model_args))
+        vocab_size = data.meta["vocab_size"]
+        if data.meta["tokenizer"] == "gpt2":
+            vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: a multiple of 64 runs faster
+        torch.manual_seed(cfg.seed)
+        model = build_model({**settings, "vocab_size": vocab_size})
     if model.config.vocab_size < data.meta["vocab_size"]:
         raise UserError(f"the model's vocab_size {model.config.vocab_size} is smaller than the dataset's "
                         f"{data.meta['vocab_size']} (the checkpoint was trained on another dataset)")
-    model.to(dev)
+    return model
 
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
-    batch_gen = torch.Generator().manual_seed(cfg.seed + rank)  # each rank draws its own batches
 
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt.get("rng", [])
-        if len(states) == world_size:
-            set_rng_state(states[rank], batch_gen)
-        elif master:
-            print(f"note: checkpoint has random states for {len(states)} processes, this run has {world_size}; "
-                  f"batches will differ from an uninterrupted run")
-        ckpt = None  # free the memory
+def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt.get("rng", [])
+    if len(states) == proc.world_size:
+        set_rng_state(states[proc.rank], batch_gen)
+    elif proc.master:
+        print(f"note: checkpoint has random states for {len(states)} processes, this run has {proc.world_size}; "
+              f"batches will differ from an uninterrupted run")
 
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    ctx = autocast_context(dev, dtype)
 
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    peak = gpu_peak_flops(dev, cfg.peak_flops)
-    if master:
-        n_all, n_active = raw_model.get_num_params(), raw_model.num_active_params()
-        print(f"model: {type(raw_model).__name__}, {n_all / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active "
-              f"per token; device {dev}, dtype {dtype}, {world_size} process(es)")
-        split = f", {accum_steps} on each of {world_size} processes" if ddp else ""
-        print(f"tokens per iteration: {tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x "
-              f"{cfg.batch_size} sequences x {cfg.block_size} tokens{split})")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        for name in os.listdir(cfg.out_dir):  # a save killed half-way leaves its temporary file behind
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(cfg.out_dir, name))
-    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None) \
-        if master else None
-    if wandb:
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
-    config_dict = vars(cfg)
-    nan_iters = {int(s) for s in str(cfg.nan_inject_iters).split(",") if s.strip()}
+def describe_run(model, cfg, proc, tokens_per_iter):
+    """What is about to run, and, on a CPU, how long a GPU-sized config would take there."""
+    n_all, n_active = model.get_num_params(), model.num_active_params()
+    print(f"model: {type(model).__name__}, {n_all / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per "
+          f"token; device {proc.device}, dtype {proc.dtype}, {proc.world_size} process(es)")
+    split = f", {cfg.gradient_accumulation_steps // proc.world_size} on each of {proc.world_size} processes" \
+        if proc.ddp else ""
+    print(f"tokens per iteration: {tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x "
+          f"{cfg.batch_size} sequences x {cfg.block_size} tokens{split})")
+    if proc.device_type == "cpu":
+        # training costs 3x a forward pass; each eval runs eval_iters forward passes per split
+        evals = cfg.max_iters // cfg.eval_interval + 1
+        tokens = cfg.max_iters * tokens_per_iter + evals * 2 * cfg.eval_iters * cfg.batch_size * cfg.block_size / 3
+        # a small GPT's training step runs at about the FLOP/s of a plain 1024x1024 matmul on the same CPU
+        # (measured on the CPU recipe), so that speed gives the estimate
+        seconds = model.flops_per_token() * tokens / cpu_matmul_flops()
+        if seconds > 30 * 60:
+            recipe = "train_shakespeare_moe_cpu.py" if hasattr(model, "moe_layers") else "train_shakespeare_char_cpu.py"
+            print(f"note: this config is sized for a GPU: on this CPU it would take about {seconds / 3600:.1f} hours "
+                  f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean CE (and balance loss, expert load) per split. Each rank takes an equal share of eval_iters (at
-        least one batch, so the mean of the ranks' means is the mean); its own generator keeps the training
-        batches independent of whether an eval happened."""
-        out = {}
-        model.eval()
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(cfg.seed + 999 + rank)  # the same eval batches every time
-            sums = {}
-            n = 0
-            for _ in range(math.ceil(cfg.eval_iters / world_size)):
-                x, y = data.get_batch(split, cfg.batch_size, gen, dev)
-                with ctx:
-                    _, loss, extra = model(x, y)
-                stats = {"loss": loss.float(), **{k: v.float() for k, v in extra.items() if k != "loss"}}
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
-                n += 1
-            means = {k: v / max(n, 1) for k, v in sums.items()}
-            for k, v in mean_over_ranks(means, ddp).items():
-                out[f"{split}_{k}"] = v.tolist() if torch.as_tensor(v).dim() else float(v)
-        model.train()
-        return out
 
-    def save(reason):
-        """Save the resumable state to ckpt.pt (all ranks gather their random states; rank 0 writes)."""
-        state = rng_state(batch_gen)
-        state["batch"] = next_iter_batch_state  # the generator before it drew the prefetched batch
-        states = [None] * world_size
-        if ddp:
-            dist.all_gather_object(states, state)
-        else:
-            states = [state]
-        if not master:
-            return
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
-            return
-        ckpt_out = {**model_state(raw_model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config_dict, "rng": states}
-        t0 = time.time()
-        save_checkpoint(ckpt_out, ckpt_path)
-        print(f"saved checkpoint to {ckpt_path} ({reason}, {time.time() - t0:.2f}s)")
+def start_out_dir(cfg, resume_iter):
+    """Create out_dir (rank 0), remove temporary files of saves a kill cut short, open metrics.jsonl."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name in os.listdir(cfg.out_dir):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(cfg.out_dir, name))
+    return MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_iter)
 
-    # ---- graceful stop: finish the current step, save, exit 0; a second signal exits at once
+
+def start_wandb(cfg):
+    import wandb
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
+    return wandb
+
+
+def install_stop_handlers(master):
+    """Ctrl-C / SIGTERM: finish the current step, save, exit 0; a second signal exits at once. Returns the
+    list the handler appends to (non-empty = stop asked for)."""
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -384,132 +341,149 @@ def main():
                   flush=True)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop_requested
 
-    def do_eval(allow_save=True):
-        nonlocal best_val_loss
-        ev = evaluate()
-        improved = ev["val_loss"] < best_val_loss
-        best_val_loss = min(best_val_loss, ev["val_loss"])
-        if master:
-            extra = "".join(f", {s} balance {ev[f'{s}_balance']:.4f}" for s in ("train", "val") if f"{s}_balance" in ev)
-            print(f"step {iter_num}: train loss {ev['train_loss']:.4f}, val loss {ev['val_loss']:.4f}{extra}")
-            record = {"type": "eval", "iter": iter_num, "time": time.time(), "tokens": iter_num * tokens_per_iter,
-                      **ev, "best_val_loss": best_val_loss}
-            metrics.write(record)
-            if wandb:
-                wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=iter_num)
-        if allow_save and iter_num > 0 and (improved or cfg.always_save_checkpoint):
-            save("eval")
-            if master and improved:
-                link_checkpoint(ckpt_path, os.path.join(cfg.out_dir, "best.pt"))
-        return ev
 
-    # ---- training loop
-    if cfg.eval_only:
-        do_eval(allow_save=False)
-        if ddp:
-            dist.destroy_process_group()
-        return
-    model.train()
-    next_iter_batch_state = batch_gen.get_state()
-    x, y = data.get_batch("train", cfg.batch_size, batch_gen, dev)  # the first batch of iteration iter_num
-    t0 = time.time()
-    running_mfu, nonfinite_in_row, nonfinite_total, last_eval_iter = -1.0, 0, 0, None
-    while iter_num < cfg.max_iters:
-        if iter_num % cfg.eval_interval == 0 and last_eval_iter != iter_num:
-            do_eval()
-            last_eval_iter = iter_num
-            t0 = time.time()  # the eval's time is not the step's
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+# -----------------------------------------------------------------------------
+# the training step's helpers
 
-        sums = {}
-        for micro_step in range(accum_steps):
-            # gradients are all-reduced only on the last micro-step
-            sync = not ddp or micro_step == accum_steps - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss, extra = model(x, y)
-                if iter_num in nan_iters:
-                    loss = loss * float("nan")
-                total = loss + extra["loss"] if "loss" in extra else loss
-            # the next batch is drawn while the GPU works on this one
-            if micro_step == accum_steps - 1:
-                next_iter_batch_state = batch_gen.get_state()
-            x, y = data.get_batch("train", cfg.batch_size, batch_gen, dev)
-            scaler.scale(total / accum_steps).backward()
-            for k, v in {"loss": loss, **{k: v for k, v in extra.items() if k != "loss"}}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        # skip updates from a non-finite loss or gradient; under DDP all ranks see the same reduced gradient
-        bad = not torch.isfinite(sums["loss"]).item() or (dtype != "float16" and not torch.isfinite(grad_norm).item())
-        if ddp:
-            flag = torch.tensor(float(bad), device=dev if device_type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = flag.item() > 0
-        if bad:
-            nonfinite_in_row += 1
-            nonfinite_total += 1
-            optimizer.zero_grad(set_to_none=True)
-            if master:
-                print(f"iter {iter_num}: non-finite loss or gradient, update skipped "
-                      f"({nonfinite_in_row} in a row, {nonfinite_total} in total)")
-                metrics.write({"type": "skip", "iter": iter_num, "time": time.time(), "nonfinite_total": nonfinite_total})
-            if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                if master:
-                    print(f"error: {nonfinite_in_row} non-finite steps in a row; stopping. Lower learning_rate or "
-                          f"raise grad_clip, then resume from the last good checkpoint", file=sys.stderr)
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(1)
-        else:
-            nonfinite_in_row = 0
+
+def step_unless(bad, optimizer, scaler):
+    """optimizer.step() unless `bad` (a bool tensor on the device) is True, and then exactly as if the step
+    never happened: parameters, Adam's moments and its step count unchanged. A fused AdamW takes the flag as
+    found_inf and decides on the device, so the host does not wait for the GPU. Under fp16 the GradScaler
+    owns found_inf, and other optimizers have no such input: there the flag is read on the host."""
+    if scaler.is_enabled() or not optimizer.defaults.get("fused"):
+        if not bad.item():
             scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        return
+    optimizer.found_inf = bad.float()
+    optimizer.step()
+    del optimizer.found_inf
 
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        if iter_num % cfg.log_interval == 0:
-            stats = {k: float(v) if torch.as_tensor(v).dim() == 0 else v for k, v in mean_over_ranks(sums, ddp).items()}
-            if master:
-                mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak)  # per GPU
-                if mfu is not None:
-                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-                parts = [f"loss {stats['loss']:.4f}"]
-                parts += [f"{k} {stats[k]:.4f}" for k in ("balance", "z") if k in stats]
-                parts += [f"lr {lr:.2e}", f"time {dt * 1000:.2f}ms", f"tok/s {tokens_per_iter / dt:,.0f}"]
-                if running_mfu >= 0:
-                    parts.append(f"mfu {running_mfu * 100:.2f}%")
-                print(f"iter {iter_num}: " + ", ".join(parts), flush=True)
-                record = {"type": "train", "iter": iter_num, "time": t1, "tokens": (iter_num + 1) * tokens_per_iter,
-                          "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_sec": tokens_per_iter / dt,
-                          "mfu": mfu, "grad_norm": float(grad_norm),
-                          **{k: (v.tolist() if torch.as_tensor(v).dim() else v) for k, v in stats.items()}}
-                metrics.write(record)
-                if wandb:
-                    wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=iter_num)
-        iter_num += 1
-        if cfg.save_interval and iter_num % cfg.save_interval == 0:
-            save(f"save_interval {cfg.save_interval}")
-        stop = bool(stop_requested)
-        if ddp:
-            flag = torch.tensor(float(stop), device=dev if device_type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops after the same step
-            stop = flag.item() > 0
-        if stop:
-            save("stopped by signal")
-            if master:
-                print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={cfg.out_dir}")
-            break
-    else:
-        if last_eval_iter != iter_num:
-            do_eval()  # the final model is always evaluated (and saved by the usual rule)
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+
+def check_nonfinite(nonfinite, run):
+    """Read the skip flags of the steps since the last check (one host sync), report each skipped step, and
+    stop the run after max_nonfinite_steps skips in a row. A skipped step changed nothing, so finding out a
+    few steps late loses nothing; saves call this first, so a checkpoint never follows an unreported skip."""
+    flags = torch.stack([bad for _, bad in nonfinite.pending]).tolist() if nonfinite.pending else []
+    for (it, _), bad in zip(nonfinite.pending, flags):
+        if not bad:
+            nonfinite.in_row = 0
+            continue
+        nonfinite.in_row += 1
+        nonfinite.total += 1
+        if run.proc.master:
+            print(f"iter {it}: non-finite loss or gradient, update skipped "
+                  f"({nonfinite.in_row} in a row, {nonfinite.total} in total)")
+            log_metrics(run, {"type": "skip", "iter": it, "time": time.time(), "nonfinite_total": nonfinite.total})
+        if nonfinite.in_row >= run.cfg.max_nonfinite_steps:
+            if run.proc.master:
+                print(f"error: {nonfinite.in_row} non-finite steps in a row; stopping. Lower learning_rate or "
+                      f"raise grad_clip, then resume from the last good checkpoint", file=sys.stderr)
+            if run.proc.ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+    nonfinite.pending.clear()
+
+
+def log_line(it, max_iters, stats, lr, dt, tokens_per_iter, running_mfu, eta):
+    parts = [f"loss {stats['loss']:.4f}"]
+    parts += [f"{k} {stats[k]:.4f}" for k in ("balance", "z") if k in stats]
+    parts += [f"lr {lr:.2e}", f"time {dt * 1000:.2f}ms", f"tok/s {tokens_per_iter / dt:,.0f}"]
+    if running_mfu >= 0:
+        parts.append(f"mfu {running_mfu * 100:.2f}%")
+    parts.append(f"eta {duration(eta)}")
+    return f"iter {it}/{max_iters}: " + ", ".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(run):
+    """Mean CE (and balance loss, expert load) per split. Each rank takes an equal share of eval_iters (at
+    least one batch, so the mean of the ranks' means is the mean); its own generator keeps the training
+    batches independent of whether an eval happened. A long eval says so once it has timed a batch."""
+    cfg, proc = run.cfg, run.proc
+    n = math.ceil(cfg.eval_iters / proc.world_size)
+    out, t0 = {}, time.time()
+    run.model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 999 + proc.rank)  # the same eval batches every time
+        sums = {}
+        for i in range(n):
+            x, y = run.data.get_batch(split, cfg.batch_size, gen, proc.device)
+            with run.ctx:
+                _, loss, extra = run.model(x, y)
+            for k, v in {"loss": loss, **extra}.items():
+                if k != "aux_loss":
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+            if split == "train" and i == 0 and proc.master:
+                estimate = (time.time() - t0) * 2 * n
+                if estimate > 5:
+                    print(f"evaluating: {n} batches per split, about {duration(estimate)}", flush=True)
+        for k, v in mean_over_ranks({k: v / n for k, v in sums.items()}, proc).items():
+            out[f"{split}_{k}"] = v
+    run.model.train()
+    return out
+
+
+def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
+    """Evaluate, print, record; -> (whether val loss improved, the new best val loss)."""
+    ev = evaluate(run)
+    val_loss = float(ev["val_loss"])
+    improved = val_loss < best_val_loss
+    best_val_loss = min(best_val_loss, val_loss)
+    if run.proc.master:
+        extra = "".join(f", {s} balance {float(ev[f'{s}_balance']):.4f}" for s in ("train", "val")
+                        if f"{s}_balance" in ev)
+        print(f"step {iter_num}: train loss {float(ev['train_loss']):.4f}, val loss {val_loss:.4f}{extra}")
+        log_metrics(run, {"type": "eval", "iter": iter_num, "time": time.time(), "tokens": iter_num * tokens_per_iter,
+                          **ev, "best_val_loss": best_val_loss})
+    return improved, best_val_loss
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and metrics
+
+def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, improved=False):
+    """Save the resumable state to ckpt.pt (every rank gives its random states; rank 0 writes), and make
+    best.pt the same file when the eval that asked for the save improved val loss."""
+    states = gather_objects(rng_state(batch_state), run.proc)  # each rank draws its own batches
+    if not run.proc.master:
+        return
+    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
+        print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
+        return
+    model_keys_ = set(model_keys())
+    ckpt = {**model_state(run.raw_model), "tokenizer": run.tokenizer, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
+    t0 = time.time()
+    save_checkpoint(ckpt, run.ckpt_path)
+    print(f"saved checkpoint to {run.ckpt_path} ({reason}, {time.time() - t0:.2f}s)")
+    if improved:
+        link_checkpoint(run.ckpt_path, os.path.join(run.cfg.out_dir, "best.pt"))
+
+
+def log_metrics(run, record):
+    """One record to metrics.jsonl (and wandb): tensors become numbers or (per-layer, per-expert) lists."""
+    record = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+    run.metrics.write(record)
+    if run.wandb:
+        run.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["iter"])
 
 
 if __name__ == "__main__":

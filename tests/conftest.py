@@ -7,6 +7,8 @@ Test files use the plain helpers with `from conftest import REPO, run` and the d
     def test_train(tmp_path, shakespeare_data):
         run(["train.py", f"--data_root={shakespeare_data}", *TINY_MODEL, *TINY_RUN], cwd=tmp_path)
 """
+import hashlib
+import json
 import os
 import random
 import subprocess
@@ -15,6 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: kill-and-resume and Hugging Face interop tests; `pytest -m 'not slow'` "
+                                       "skips them for a quick loop (.ci/run and the README command run all)")
 
 # the tests' models are tiny: one thread is fastest, and two threads on a busy 2-core machine mostly spin
 torch.set_num_threads(1)
@@ -37,13 +44,18 @@ def train_args(data_root, out_dir, *extra):
             *TINY_MODEL, *TINY_RUN, *extra]
 
 
+def _command(args, env):
+    """`python REPO/<args[0]> args[1:]` and its environment: one CPU thread unless OMP_NUM_THREADS says
+    otherwise (matmul results then do not depend on how many cores are free), unbuffered output."""
+    cmd = [sys.executable, str(REPO / args[0]), *map(str, args[1:])]
+    return cmd, {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def run(args, cwd, env=None, check=True, timeout=300):
     """Run `python REPO/<args[0]> args[1:]` in cwd and return the CompletedProcess (text stdout/stderr).
-    env holds variables added to (or replacing) the current environment; the script runs on one CPU
-    thread unless OMP_NUM_THREADS says otherwise. With check, a non-zero exit fails the test and shows
-    both output streams."""
-    cmd = [sys.executable, str(REPO / args[0]), *map(str, args[1:])]
-    full_env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
+    env holds variables added to (or replacing) the current environment. With check, a non-zero exit fails
+    the test and shows both output streams."""
+    cmd, full_env = _command(args, env)
     r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
@@ -51,11 +63,45 @@ def run(args, cwd, env=None, check=True, timeout=300):
     return r
 
 
+def start(args, cwd, env=None):
+    """A running script (as run() would run it) whose stdout, with stderr, we read line by line."""
+    cmd, full_env = _command(args, env)
+    return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, stdin=subprocess.DEVNULL)
+
+
+def read_lines_until(p, prefix):
+    """Lines of a started script up to and including the first that starts with prefix."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the script ended without printing {prefix!r}:\n" + "".join(lines))
+
+
+def read_metrics(out_dir):
+    """The records of out_dir/metrics.jsonl, in order."""
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def snapshot(*folders):
+    """Every file (by content hash) and folder under the folders, to prove a failed run changed nothing."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for folder in map(Path, folders) for p in sorted(folder.rglob("*"))}
+
+
+def assert_ok(r):
+    """The script exited 0 (else both output streams are shown)."""
+    assert r.returncode == 0, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
 def assert_user_error(r, *words):
     """The script failed the way a person should see it: exit code 2 and one 'error: ...' line on stderr
     that contains every one of words, no traceback. Returns that line."""
     assert r.returncode == 2, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     for w in words:

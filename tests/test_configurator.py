@@ -112,6 +112,30 @@ def test_config_file_that_raises(tmp_path):
     assert path in msg and "ZeroDivisionError" in msg
 
 
+@pytest.mark.parametrize("flag, words", [
+    ("--n_kv_head=abc", ["'n_kv_head'", "expects int or None", "got str 'abc'"]),
+    ("--peak_flops=fast", ["'peak_flops'", "expects float or None", "got str 'fast'"]),
+    ("--n_experts=-1", ["n_experts=-1", "must be >= 0"]),
+    ("--expert_hidden=0", ["expert_hidden=0", "must be >= 1"]),
+    ("--dropout=1.0", ["dropout=1.0", "must be >= 0 and < 1"]),
+    ("--moe_impl=fast", ["moe_impl='fast'", "'loop'"]),
+])
+def test_train_keys_are_checked_against_their_declared_type_and_range(flag, words):
+    """Model keys take their type and range from the config fields; script keys typed `float | None` too."""
+    import train
+    with pytest.raises(UserError) as e:
+        parse_args(train.KEYS, [flag])
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_declared_keys_take_none_and_ints_for_floats():
+    import train
+    cfg = parse_args(train.KEYS, ["--n_kv_head=None", "--peak_flops=4e14", "--rope_theta=500000"])
+    assert cfg["n_kv_head"] is None and cfg["peak_flops"] == 4e14
+    assert cfg["rope_theta"] == 500000.0 and type(cfg["rope_theta"]) is float
+
+
 def test_none_allowed_where_default_is_none():
     assert parse_args(DEFAULTS, ["--peak_flops=1e15"])["peak_flops"] == 1e15
     assert parse_args(DEFAULTS, ["--peak_flops=None"])["peak_flops"] is None
@@ -153,7 +177,7 @@ def test_readme_documents_every_train_config_key():
     import train
     from conftest import REPO
     readme = (REPO / "README.md").read_text()
-    missing = [k for k in train.DEFAULTS if f"| `{k}` |" not in readme]
+    missing = [k for k in train.KEYS if f"| `{k}` |" not in readme]
     assert not missing, f"README's config table lacks {missing}"
 
 
@@ -174,8 +198,8 @@ def test_every_shipped_config_parses():
     import train
     from conftest import REPO
     for path in sorted((REPO / "config").glob("*.py")):
-        defaults = bench.DEFAULTS if path.name.startswith("bench") else train.DEFAULTS
-        cfg = parse_args(defaults, [str(path)])
+        keys = bench.KEYS if path.name.startswith("bench") else train.KEYS
+        cfg = parse_args(keys, [str(path)])
         assert cfg["out_dir"] != "out" or path.name.startswith("bench"), path.name
-    moe = parse_args(train.DEFAULTS, [str(REPO / "config" / "train_gpt2_moe_16_experts.py")])
+    moe = parse_args(train.KEYS, [str(REPO / "config" / "train_gpt2_moe_16_experts.py")])
     assert (moe["n_experts"], moe["moe_top_k"], moe["moe_every"], moe["n_layer"]) == (16, 1, 2, 12)

@@ -122,8 +122,8 @@ def test_upcycle_refuses_experts_that_cannot_copy_the_mlp(hf_dir):
 
 
 def test_model_for_training_takes_shape_from_checkpoint(hf_dir):
-    from train import DEFAULTS
-    cfg = {**DEFAULTS, "init_from": f"hf:{hf_dir}", "block_size": 32, "n_experts": 4, "moe_every": 2}
+    from train import KEYS
+    cfg = {**{k: key.default for k, key in KEYS.items()}, "init_from": f"hf:{hf_dir}", "block_size": 32, "n_experts": 4, "moe_every": 2}
     model = model_for_training(cfg)  # DEFAULTS' n_layer=12 etc. are not explicit: the checkpoint's win
     assert (type(model).__name__, model.config.n_layer, model.config.block_size) == ("MoEGPT", 2, 32)
     with pytest.raises(UserError, match="n_layer: config 12 vs checkpoint 2"):
@@ -168,7 +168,7 @@ def test_train_from_hf_upcycled_first_step_loss_equals_dense(runs):
     evals = [next(r for r in recs if r["type"] == "eval" and r["iter"] == 0) for recs in (dense, moe)]
     assert evals[1]["val_loss"] == pytest.approx(evals[0]["val_loss"], rel=1e-5)
     ckpt = load_checkpoint(str(runs["moe"] / "ckpt.pt"))
-    assert ckpt["model_class"] == "MoEGPT" and ckpt["model_args"]["n_experts"] == 4
+    assert ckpt["model_args"]["n_experts"] == 4
     assert ckpt["model_args"]["block_size"] == 32 and ckpt["model_args"]["vocab_size"] == 100
 
 

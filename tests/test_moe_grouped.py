@@ -19,7 +19,7 @@ def twin_models(**kw):
 
 def forward_backward(model, idx):
     logits, loss, extra = model(idx, idx)
-    (loss + extra["loss"]).backward()
+    (loss + extra["aux_loss"]).backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, extra
 
 
@@ -76,7 +76,7 @@ def test_compile_fullgraph_grouped_forward_backward():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx = torch.randint(0, 64, (2, 16))
     logits, loss, extra = compiled(idx, idx)
-    (loss + extra["loss"]).backward()
+    (loss + extra["aux_loss"]).backward()
     assert all(p.grad is not None for p in model.parameters())
     eager_logits, _, _ = model(idx, idx)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)

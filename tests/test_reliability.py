@@ -6,7 +6,6 @@ tests check exit codes, the one-line errors, the files left on disk and the trai
 Every subprocess runs with one thread (OMP_NUM_THREADS=1): matmul results then do not depend on how many
 cores are free, and the two cores of a small machine can run two tests' processes side by side.
 """
-import hashlib
 import io
 import json
 import os
@@ -15,71 +14,29 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import checkpoint  # noqa: E402
-from common import UserError  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-        "--device=cpu", "--dtype=float32", "--compile=False", "--eval_iters=2", "--log_interval=1",
-        "--gradient_accumulation_steps=1"]
+import checkpoint
+import conftest
+import model as model_module
+import train
+from common import UserError
+from conftest import REPO, assert_user_error, read_lines_until, read_metrics, run, snapshot, start
+from model import GPT, GPTConfig
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def command(script, *args):
-    return [sys.executable, str(REPO / script), *map(str, args)]
-
-
-def run(script, *args, cwd, timeout=120):
-    return subprocess.run(command(script, *args), cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def start(script, *args, cwd):
-    """A running script whose stdout (with stderr) we read line by line as it is printed."""
-    return subprocess.Popen(command(script, *args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-
-
-def train_args(data_root, out_dir, *extra):
-    return [f"--data_root={data_root}", f"--out_dir={out_dir}", *TINY, *extra]
-
-
-def assert_ok(r):
-    assert r.returncode == 0, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-
-
-def assert_one_line_error(r, *words):
-    """Exit code 2, exactly one 'error: ...' line on stderr holding every word, no traceback anywhere."""
-    assert r.returncode == 2, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-    assert "Traceback" not in r.stdout + r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
-
-
-def snapshot(folder):
-    """Every file (by content hash) and folder under folder, to prove a failed run changed nothing."""
-    folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+def train_args(shakespeare_data, out_dir, *extra):
+    return conftest.train_args(shakespeare_data, out_dir, "--batch_size=4", *extra)[1:]  # without the script name
 
 
 def kill_after_saves(args, cwd, n_saves):
     """Start train.py and SIGKILL it as soon as it reports its n-th saved checkpoint (it may be a step or a
     save further on by then, possibly in the middle of writing the next one: that is part of the test)."""
-    p = start("train.py", *args, cwd=cwd)
+    p = start(["train.py", *args], cwd=cwd)
     saves, output = 0, []
     for line in p.stdout:
         output.append(line)
@@ -89,21 +46,6 @@ def kill_after_saves(args, cwd, n_saves):
             break
     p.communicate()
     assert p.returncode == -signal.SIGKILL, "the run ended before it was killed:\n" + "".join(output)
-
-
-def read_lines_until(p, prefix):
-    """Lines of a running script up to and including the first that starts with prefix."""
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    raise AssertionError(f"the script ended without printing {prefix!r}:\n" + "".join(lines))
-
-
-def metrics(out_dir):
-    with open(Path(out_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def assert_same_tensors(a, b, what):
@@ -119,38 +61,26 @@ def assert_finite(ckpt):
 # ----------------------------------------------------------------------------- shared fixtures
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """data_root/tiny: the first 50k characters of tiny-shakespeare, prepared by prepare.py (char tokenizer)."""
-    root = tmp_path_factory.mktemp("rel-data")
-    text = CORPUS.read_text(encoding="utf-8") if CORPUS.is_file() else \
-        "".join(f"Citizen {i}:\nBefore we proceed any further, hear me speak.\n\n" for i in range(1000))
-    text = text[:50_000]  # 45,000 train and 5,000 val tokens: some bad inputs below count on these sizes
-    (root / "tiny.txt").write_text(text, encoding="utf-8")
-    assert_ok(run("prepare.py", "text", "--input", root / "tiny.txt", "--name", "tiny", "--tokenizer", "char",
-                  "--data_root", root, cwd=root))
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
+def trained(shakespeare_data, tmp_path_factory):
     """The out_dir of a finished 4-iteration run: ckpt.pt, best.pt, metrics.jsonl."""
     out = tmp_path_factory.mktemp("rel-trained") / "out"
-    assert_ok(run("train.py", *train_args(data_root, out, "--max_iters=4", "--eval_interval=2"), cwd=out.parent))
+    run(["train.py", *train_args(shakespeare_data, out, "--max_iters=4", "--eval_interval=2")], cwd=out.parent)
     return out
 
 
 # ----------------------------------------------------------------------------- kill -9 and resume
 
-def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(data_root, tmp_path):
+@pytest.mark.slow
+def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(shakespeare_data, tmp_path):
     """A dense run with dropout and 2 micro-steps per iteration, killed twice (once around the first
     checkpoints, once after an eval) and resumed each time, ends with exactly the parameters and optimizer
     state of the same run left alone. dropout > 0 makes the test fail if any random state is not restored."""
     args = ["--max_iters=12", "--eval_interval=4", "--save_interval=1", "--dropout=0.1", "--learning_rate=1e-2",
             "--warmup_iters=2", "--lr_decay_iters=12", "--gradient_accumulation_steps=2"]
-    straight = start("train.py", *train_args(data_root, tmp_path / "straight", *args), cwd=tmp_path)  # runs alongside
+    straight = start(["train.py", *train_args(shakespeare_data, tmp_path / "straight", *args)], cwd=tmp_path)  # runs alongside
 
     out = tmp_path / "killed"
-    killed = train_args(data_root, out, *args)
+    killed = train_args(shakespeare_data, out, *args)
     kill_after_saves(killed, tmp_path, n_saves=3)
     kill_points = [torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]]
     kill_after_saves([*killed, "--init_from=resume"], tmp_path, n_saves=4)
@@ -158,7 +88,7 @@ def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(data_root, tmp_pat
     assert 0 < kill_points[0] < kill_points[1] < 12, kill_points
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "iter": 9, "lo')  # a record torn by the kill must not break the resume
-    assert_ok(run("train.py", *killed, "--init_from=resume", cwd=tmp_path))
+    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
 
     assert straight.wait(timeout=120) == 0, straight.stdout.read()
     a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
@@ -168,29 +98,30 @@ def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(data_root, tmp_pat
     for i, state in a["optimizer"]["state"].items():
         assert_same_tensors(state, b["optimizer"]["state"][i], f"optimizer state {i}")
     # the resumed run's log holds each iteration once, as if it had never stopped
-    assert [m["iter"] for m in metrics(out) if m["type"] == "train"] == list(range(12))
+    assert [m["iter"] for m in read_metrics(out) if m["type"] == "train"] == list(range(12))
     # best.pt is the checkpoint of the best eval
-    evals = [m for m in metrics(out) if m["type"] == "eval" and m["iter"] > 0]
+    evals = [m for m in read_metrics(out) if m["type"] == "eval" and m["iter"] > 0]
     best = checkpoint.load_checkpoint(out / "best.pt")
     assert best["best_val_loss"] == min(m["val_loss"] for m in evals)
 
 
-def test_sigkill_then_resume_is_bit_exact_moe(data_root, tmp_path):
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact_moe(shakespeare_data, tmp_path):
     """The same for an MoE model (4 experts, top-2) with router jitter and dropout, killed once."""
     args = ["--max_iters=8", "--eval_interval=4", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
             "--dropout=0.1", "--router_jitter=0.1", "--learning_rate=1e-2", "--warmup_iters=0"]
-    straight = start("train.py", *train_args(data_root, tmp_path / "straight", *args), cwd=tmp_path)
+    straight = start(["train.py", *train_args(shakespeare_data, tmp_path / "straight", *args)], cwd=tmp_path)
     out = tmp_path / "killed"
-    killed = train_args(data_root, out, *args)
+    killed = train_args(shakespeare_data, out, *args)
     kill_after_saves(killed, tmp_path, n_saves=3)
     kill_point = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert 0 < kill_point < 8
-    assert_ok(run("train.py", *killed, "--init_from=resume", cwd=tmp_path))
+    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
 
     assert straight.wait(timeout=120) == 0, straight.stdout.read()
     a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     b = checkpoint.load_checkpoint(out / "ckpt.pt")
-    assert a["model_class"] == b["model_class"] == "MoEGPT"
+    assert a["model_args"]["n_experts"] == b["model_args"]["n_experts"] == 4
     assert a["iter_num"] == b["iter_num"] == 8
     assert_same_tensors(a["model"], b["model"], f"MoE model after a kill at {kill_point}")
 
@@ -235,26 +166,26 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, m
 
 # ----------------------------------------------------------------------------- signals
 
-def test_resume_removes_the_temporary_file_of_a_save_that_was_killed(trained, data_root, tmp_path):
+def test_resume_removes_the_temporary_file_of_a_save_that_was_killed(trained, shakespeare_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
     stale = out / ".tmp-ckpt.pt1a2b3c"
     stale.write_bytes(b"half a checkpoint")
-    assert_ok(run("train.py", *train_args(data_root, out, "--init_from=resume", "--max_iters=5", "--eval_interval=2"),
-                  cwd=tmp_path))
+    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=5", "--eval_interval=2")],
+        cwd=tmp_path)
     assert not stale.exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 5
 
 
-def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(data_root, tmp_path):
+def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(shakespeare_data, tmp_path):
     # two runs side by side: one gets SIGINT, the other SIGINT and at once SIGTERM
     forever = ["--max_iters=100000", "--eval_interval=100000"]
     out = tmp_path / "out"
-    graceful = start("train.py", *train_args(data_root, out, *forever), cwd=tmp_path)
-    hurried = start("train.py", *train_args(data_root, tmp_path / "hurried", *forever), cwd=tmp_path)
-    read_lines_until(graceful, "iter 2:")
+    graceful = start(["train.py", *train_args(shakespeare_data, out, *forever)], cwd=tmp_path)
+    hurried = start(["train.py", *train_args(shakespeare_data, tmp_path / "hurried", *forever)], cwd=tmp_path)
+    read_lines_until(graceful, "iter 2/")
     graceful.send_signal(signal.SIGINT)
-    read_lines_until(hurried, "iter 2:")
+    read_lines_until(hurried, "iter 2/")
     hurried.send_signal(signal.SIGINT)
     hurried.send_signal(signal.SIGTERM)
     rest, _ = graceful.communicate(timeout=60)
@@ -274,28 +205,59 @@ def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(d
 
 # ----------------------------------------------------------------------------- non-finite losses
 
-def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(data_root, tmp_path):
-    # both runs at once: one NaN step is skipped and the run finishes; two in a row with
-    # max_nonfinite_steps=2 stop it
-    once = start("train.py", *train_args(data_root, tmp_path / "once", "--max_iters=6", "--eval_interval=100",
-                                         "--nan_inject_iters=3"), cwd=tmp_path)
-    twice = start("train.py", *train_args(data_root, tmp_path / "twice", "--max_iters=8", "--eval_interval=100",
-                                          "--save_interval=1", "--nan_inject_iters=3,4", "--max_nonfinite_steps=2"),
-                  cwd=tmp_path)
-    out_once, _ = once.communicate(timeout=120)
-    out_twice, _ = twice.communicate(timeout=120)
+def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
+    """train.main() in this process, with the training loss made NaN at the iterations in nan_iters (the
+    forward pass reads the iteration from get_lr, which the loop calls once per iteration first).
+    -> (exit code, stdout + stderr)."""
+    it = [None]
+    real_get_lr, real_forward = train.get_lr, model_module.GPT.forward
 
-    assert once.returncode == 0, out_once
-    assert "iter 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in out_once
-    skips = [m for m in metrics(tmp_path / "once") if m["type"] == "skip"]
+    def get_lr(i, cfg):
+        it[0] = i
+        return real_get_lr(i, cfg)
+
+    def forward(self, idx, targets=None):
+        logits, loss, extra = real_forward(self, idx, targets)
+        if self.training and it[0] in nan_iters:
+            loss = loss * float("nan")
+        return logits, loss, extra
+
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        train.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(shakespeare_data, tmp_path, monkeypatch, capsys):
+    # one NaN step is skipped and the run finishes
+    code, out = train_with_nan_losses(train_args(shakespeare_data, tmp_path / "once", "--max_iters=6",
+                                                 "--eval_interval=100"), {3}, monkeypatch, capsys)
+    assert code == 0, out
+    assert "iter 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in out
+    skips = [m for m in read_metrics(tmp_path / "once") if m["type"] == "skip"]
     assert [(m["iter"], m["nonfinite_total"]) for m in skips] == [(3, 1)]
     ckpt = checkpoint.load_checkpoint(tmp_path / "once" / "ckpt.pt")
     assert ckpt["iter_num"] == 6
     assert_finite(ckpt)
+    # the skipped step changed nothing: Adam counted 5 steps for the 6 iterations
+    assert all(state["step"] == 5 for state in ckpt["optimizer"]["state"].values())
 
-    assert twice.returncode not in (0, 2), out_twice
-    assert "Traceback" not in out_twice
-    assert "error: 2 non-finite steps in a row; stopping" in out_twice
+    # two in a row with max_nonfinite_steps=2 stop the run
+    code, out = train_with_nan_losses(train_args(shakespeare_data, tmp_path / "twice", "--max_iters=8",
+                                                 "--eval_interval=100", "--save_interval=1", "--max_nonfinite_steps=2"),
+                                      {3, 4}, monkeypatch, capsys)
+    assert code not in (0, 2), out
+    assert "error: 2 non-finite steps in a row; stopping" in out
     ckpt = checkpoint.load_checkpoint(tmp_path / "twice" / "ckpt.pt")  # the last good checkpoint
     assert ckpt["iter_num"] == 4  # saved after the skipped iteration 3, not after 4
     assert_finite(ckpt)
@@ -330,8 +292,9 @@ def test_sample_refuses_checkpoint_with_code(trained, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     marker = tmp_path / "pwned"
     torch.save({**ckpt, "x": Payload(marker)}, out / "ckpt.pt")
-    r = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5", cwd=tmp_path)
-    assert_one_line_error(r, "refusing checkpoint", "pickled")
+    r = run(["sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"], cwd=tmp_path,
+            check=False)
+    assert_user_error(r, "refusing checkpoint", "pickled")
     assert not marker.exists()
 
 
@@ -390,6 +353,13 @@ def _append_byte(path):
     return lambda case: (case / path).write_bytes((case / path).read_bytes() + b"\0")
 
 
+def _drop_tokenizer(case):
+    """A checkpoint as an older nanoMoE saved it: without its tokenizer."""
+    ckpt = torch.load(case / "out" / "ckpt.pt", weights_only=True)
+    del ckpt["tokenizer"]
+    torch.save(ckpt, case / "out" / "ckpt.pt")
+
+
 def _remove(*paths):
     return lambda case: [(case / p).unlink() for p in paths]
 
@@ -411,13 +381,16 @@ BAD_INPUTS = [
      ["gradient_accumulation_steps must be positive"]),
     ("grad-accum-negative", "train.py", ["--gradient_accumulation_steps=-2"], None,
      ["gradient_accumulation_steps must be positive"]),
-    ("dataset-missing", "train.py", ["--dataset=nope"], None,
+    # training never downloads: a missing dataset names the prepare.py command, even for shakespeare_char
+    ("dataset-missing", "train.py", ["--data_root={case}/nodata"], None,
+     ["not found", "python prepare.py shakespeare_char --data_root"]),
+    ("other-dataset-missing", "train.py", ["--dataset=nope"], None,
      ["not found", "python prepare.py text --input PATH --name nope --data_root"]),
-    ("split-missing", "train.py", [], _remove("data/tiny/val.bin"), ["val.bin not found", "prepare.py"]),
-    ("token-file-odd-size", "train.py", [], _append_byte("data/tiny/train.bin"),
-     ["train.bin has 90001 bytes", "not a whole number"]),
+    ("split-missing", "train.py", [], _remove("data/shakespeare_char/val.bin"), ["val.bin not found", "prepare.py"]),
+    ("token-file-odd-size", "train.py", [], _append_byte("data/shakespeare_char/train.bin"),
+     ["train.bin has 180001 bytes", "not a whole number"]),
     ("vocab-smaller-than-data", "train.py", [], _edit_meta, ["holds token id", "vocab_size=10"]),
-    ("block-larger-than-data", "train.py", ["--block_size=6000"], None, ["val.bin", "too few", "block_size=6000"]),
+    ("block-larger-than-data", "train.py", ["--block_size=12000"], None, ["val.bin", "too few", "block_size=12000"]),
     ("n_embd-not-divisible-by-n_head", "train.py", ["--n_head=3"], None, ["n_embd=32", "n_head=3"]),
     ("n_head-not-divisible-by-n_kv_head", "train.py", ["--n_head=4", "--n_kv_head=3"], None,
      ["n_head=4", "n_kv_head=3"]),
@@ -445,6 +418,8 @@ BAD_INPUTS = [
      ["prompt file", "prompt.txt", "not found"]),
     ("sample-no-checkpoint", "sample.py", ["--out_dir={case}/empty"], None, ["no checkpoint at", "empty"]),
     ("sample-corrupt-checkpoint", "sample.py", [], _damage("out/ckpt.pt"), ["corrupt", "CRC"]),
+    ("n_experts-negative", "train.py", ["--n_experts=-1"], None, ["n_experts=-1", "must be >= 0"]),
+    ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["holds no tokenizer", "train it again"]),
     ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature must be > 0"]),
 ]
 
@@ -470,11 +445,11 @@ def run_in_process(script, args, cwd, monkeypatch, capfd):
 
 
 @pytest.mark.parametrize("case_id, script, extra, setup, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(data_root, trained, tmp_path, monkeypatch, capfd,
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trained, tmp_path, monkeypatch, capfd,
                                                           case_id, script, extra, setup, words):
     """Each bad input in a folder of its own: a copy of the dataset and of a trained out_dir."""
     case = tmp_path / case_id
-    shutil.copytree(data_root / "tiny", case / "data" / "tiny")
+    shutil.copytree(shakespeare_data / "shakespeare_char", case / "data" / "shakespeare_char")
     shutil.copytree(trained, case / "out")
     if setup:
         setup(case)
@@ -485,10 +460,10 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(data_root, trained, tm
     else:
         args = [f"--out_dir={case / 'out'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
     args += [a.replace("{case}", str(case)) for a in extra]
-    before = snapshot(case) | snapshot(data_root)
+    before = snapshot(case, shakespeare_data)
     if case_id in CLI_CASES:
-        r = run(script, *args, cwd=case)
+        r = run([script, *args], cwd=case, check=False)
     else:
         r = run_in_process(script, args, case, monkeypatch, capfd)
-    assert_one_line_error(r, *words)
-    assert snapshot(case) | snapshot(data_root) == before
+    assert_user_error(r, *words)
+    assert snapshot(case, shakespeare_data) == before

@@ -1,0 +1,64 @@
+"""
+out_dir/metrics.jsonl: one JSON object per line, written by train.py (MetricsLog) and read by plot.py and
+the tests (read_metrics). Records have a "type" ("train" for a log line, "eval", "skip" for a skipped
+non-finite step) and an "iter"; the README lists their fields.
+"""
+import json
+import math
+import os
+import sys
+
+from common import UserError, atomic_write
+
+
+class MetricsLog:
+    """out_dir/metrics.jsonl: one JSON object per log line and per eval, appended and flushed, so it can be
+    read (plotted) while the run goes on."""
+
+    def __init__(self, path, resume_iter):
+        if resume_iter is not None and os.path.exists(path):
+            # a resumed run redoes the iterations after its checkpoint: drop their old records
+            with open(path) as f:
+                kept = [line.rstrip("\n") + "\n" for line in f if line.strip() and record_iter(line) < resume_iter]
+            with atomic_write(path, "w") as f:
+                f.writelines(kept)
+        elif resume_iter is None and os.path.exists(path):
+            os.replace(path, path + ".prev")  # a new run from scratch keeps the old record aside, not mixed in
+        self.file = open(path, "a")
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def record_iter(line):
+    """The iter of a metrics.jsonl line; a line torn by a crash mid-write counts as after any checkpoint."""
+    try:
+        return json.loads(line).get("iter", 0)
+    except ValueError:
+        return math.inf
+
+
+def read_metrics(run_dir):
+    """The records of run_dir/metrics.jsonl in iteration order. A line that is not JSON is skipped: the last
+    one is normal (train.py is writing it), any other is reported."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"no metrics.jsonl in '{run_dir}' (give the out_dir of a train.py run)")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
+                print(f"warning: {path} line {i + 1} is not JSON; skipped", file=sys.stderr)
+            continue
+        if isinstance(record, dict) and "iter" in record:
+            records.append(record)
+    if not records:
+        raise UserError(f"{path} has no records yet (the run logs its first one after the first eval or step)")
+    return sorted(records, key=lambda r: r["iter"])  # stable: a step's eval stays before its train line
