@@ -18,7 +18,7 @@ import time
 import numpy as np
 import requests
 
-from common import ArgumentParser, UserError, run_cli
+from common import ArgumentParser, Progress, UserError, run_cli
 from tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -53,27 +53,6 @@ def parse_args(argv):
                 raise UserError(f"--{opt} is only for the text dataset "
                                 f"(use: python prepare.py text --input PATH --{opt} ...)")
     return args
-
-
-class Progress:
-    """A single status line on stderr, rewritten with \\r; only on a terminal, so logs stay clean."""
-
-    force_on = False  # --progress: also when stderr is not a terminal
-
-    def __init__(self):
-        self.on = self.force_on or sys.stderr.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def update(self, msg, force=False):
-        now = time.monotonic()
-        if self.on and (force or now - self.last > 0.1):  # ~10 redraws/s is plenty and costs nothing
-            print(f"\r{msg}\033[K", end="", file=sys.stderr, flush=True)
-            self.last, self.shown = now, True
-
-    def done(self):
-        if self.shown:
-            print(file=sys.stderr)
 
 
 def temp_name(path):
