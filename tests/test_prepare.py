@@ -4,6 +4,7 @@ assertions on the files it leaves, its exit code and its one-line errors. The CL
 'error:' line, old files untouched) runs as a real subprocess; the success paths call main() in-process to
 stay fast. Offline: downloads go to a local HTTP server, GPT-2 BPE comes from the shared tiktoken cache.
 """
+import errno
 import hashlib
 import http.server
 import json
@@ -234,7 +235,7 @@ def test_uint32_for_big_char_vocab(tmp_path, prepare_here):
     assert Tokenizer.from_meta(meta).decode(val) == "".join(chars)
 
 
-def test_missing_input_keeps_old_files(tmp_path, prepare_here):
+def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     (tmp_path / "notes.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 5)
     prepare_here("text", "--input", "notes.txt")
     out = tmp_path / "data" / "notes"
@@ -242,6 +243,15 @@ def test_missing_input_keeps_old_files(tmp_path, prepare_here):
     assert set(before) == {"meta.json", "train.bin", "val.bin"}
     r = prepare(tmp_path, "text", "--input", "nowhere/notes.txt", "--name", "notes")
     assert_one_line_error(r, "nowhere/notes.txt")
+    assert digest(out) == before
+    # the disk fills up while the new files are written: the old ones stay, no temp file is left behind
+    (tmp_path / "notes.txt").write_text("a different text entirely\n" * 5)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError, match="could not write to data/notes.*No space left"):
+        prepare_here("text", "--input", "notes.txt")
     assert digest(out) == before
 
 
