@@ -12,6 +12,7 @@ Every output is written with common.atomic_write (a temp name, then a rename at 
 leaves the previous good files as they were and no temp files behind.
 """
 import os
+import re
 import sys
 import time
 
@@ -204,18 +205,41 @@ def read_documents(path, out_dir):
 
 def tokenize(tok, docs):
     """Token ids of all documents in order, with a separator between two documents: a newline for char,
-    <|endoftext|> for gpt2 (GPT-2's own document boundary)."""
+    <|endoftext|> for gpt2 (GPT-2's own document boundary). A long document is encoded piece by piece, so
+    a large single file shows progress too."""
     dtype = token_dtype(tok.vocab_size)
+    total, done = sum(map(len, docs)), 0
     parts, progress = [], Progress()
     for i, doc in enumerate(docs):
         if i:
             parts.append(np.array(tok.encode(GPT2_EOT if tok.kind == "gpt2" else "\n"), dtype=dtype))
-        # one numpy array per document: a python list of ints for a big corpus would take ~30x the memory
-        parts.append(np.array(tok.encode(doc), dtype=dtype))
-        if len(docs) > 1:
-            progress.update(f"tokenizing files: {i + 1}/{len(docs)}", force=i + 1 == len(docs))
+        for piece in pieces(doc):
+            # one numpy array per piece: a python list of ints for a big corpus would take ~30x the memory
+            parts.append(np.array(tok.encode(piece), dtype=dtype))
+            done += len(piece)
+            files = f" files: {i + 1}/{len(docs)}," if len(docs) > 1 else ":"
+            progress.update(f"tokenizing{files} {done / total:.0%}", force=done == total)
     progress.done()
     return np.concatenate(parts)
+
+
+# a cut right after a newline that has a non-space character on each side: GPT-2's pre-tokenizer never joins
+# text across such a newline (unlike one inside a run of whitespace), so the pieces encode to the same ids as
+# the whole; for char any cut would do
+SAFE_CUT = re.compile(r"\S\n(?=\S)")
+PIECE_CHARS = 1 << 20  # ~0.2 s of GPT-2 encoding: the progress line moves a few times a second
+
+
+def pieces(text):
+    """text in pieces of about PIECE_CHARS characters, cut only at SAFE_CUT (one piece if it has none)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = SAFE_CUT.search(text, start + PIECE_CHARS)
+        if cut is None:
+            break
+        yield text[start:cut.end()]
+        start = cut.end()
+    yield text[start:]
 
 
 # -----------------------------------------------------------------------------

@@ -141,17 +141,22 @@ def test_shakespeare_char_from_input(tmp_path):
 
 @needs_gpt2
 @needs_corpus
-def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here):
+def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here, monkeypatch):
+    import prepare as prep
+    monkeypatch.setattr(prep, "PIECE_CHARS", 10_000)  # the one file is tokenized in ~110 pieces
     # data/shakespeare_char/input.txt already there: shakespeare must use it, not download (the URL is dead)
     (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
     (tmp_path / "data" / "shakespeare_char" / "input.txt").write_bytes(CORPUS.read_bytes())
-    out = prepare_here("shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0)
+    out = prepare_here("shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0, "--progress")
     assert "using data/shakespeare_char/input.txt" in out.out
+    assert "tokenizing: 100%" in out.err
     meta, train, val = read_dataset(tmp_path / "data" / "shakespeare")
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert "chars" not in meta
     tok = Tokenizer.from_meta(meta)
-    assert tok.decode(np.concatenate([train, val])) == CORPUS.read_text(encoding="utf-8")
+    text = CORPUS.read_text(encoding="utf-8")
+    assert np.concatenate([train, val]).tolist() == tok.encode(text)  # the pieces' ids are the whole text's
+    assert tok.decode(np.concatenate([train, val])) == text
     assert len(train) == int((len(train) + len(val)) * 0.9)
 
 
