@@ -1,11 +1,13 @@
 """
-Small pieces shared by train.py, sample.py, bench.py and prepare.py: the user-facing error type,
-device/dtype selection and the autocast context. Each is written once here and imported everywhere.
+Small pieces shared by train.py, sample.py, bench.py and prepare.py: the user-facing error type, a progress
+line, writing a file all or nothing, device/dtype selection and the autocast context. Each is written once
+here and imported everywhere.
 """
 import argparse
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 
 
@@ -28,6 +30,27 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class Progress:
+    """A single status line on stderr, rewritten with \\r; only on a terminal, so logs stay clean."""
+
+    force_on = False  # a script's --progress flag: also when stderr is not a terminal
+
+    def __init__(self):
+        self.on = self.force_on or sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, msg, force=False):
+        now = time.monotonic()
+        if self.on and (force or now - self.last > 0.1):  # ~10 redraws/s is plenty and costs nothing
+            print(f"\r{msg}\033[K", end="", file=sys.stderr, flush=True)
+            self.last, self.shown = now, True
+
+    def done(self):
+        if self.shown:
+            print(file=sys.stderr)
 
 
 def temp_path(path):

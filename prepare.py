@@ -8,17 +8,18 @@ Turn text into train.bin / val.bin / meta.json under data/<name>/, the files tra
 train.bin and val.bin are the token ids as a raw numpy array (uint16, or uint32 for vocabularies over
 65536), so train.py can np.memmap them. The first (1 - val_fraction) of the tokens is train, the rest val;
 for a char tokenizer that is the same cut as splitting the text on characters, like nanoGPT.
-Every output goes to a temp name first and is renamed into place at the end, so a failed run leaves the
-previous good files as they were.
+Every output is written with common.atomic_write (a temp name, then a rename at the end), so a failed run
+leaves the previous good files as they were and no temp files behind.
 """
 import os
+import re
 import sys
 import time
 
 import numpy as np
 import requests
 
-from common import ArgumentParser, UserError, run_cli
+from common import ArgumentParser, Progress, UserError, atomic_write, run_cli
 from tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -55,34 +56,6 @@ def parse_args(argv):
     return args
 
 
-class Progress:
-    """A single status line on stderr, rewritten with \\r; only on a terminal, so logs stay clean."""
-
-    force_on = False  # --progress: also when stderr is not a terminal
-
-    def __init__(self):
-        self.on = self.force_on or sys.stderr.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def update(self, msg, force=False):
-        now = time.monotonic()
-        if self.on and (force or now - self.last > 0.1):  # ~10 redraws/s is plenty and costs nothing
-            print(f"\r{msg}\033[K", end="", file=sys.stderr, flush=True)
-            self.last, self.shown = now, True
-
-    def done(self):
-        if self.shown:
-            print(file=sys.stderr)
-
-
-def temp_name(path):
-    """Where path is written before os.replace moves it into place: hidden, same folder (so the rename is
-    atomic), with our pid so two runs don't write over each other's temp files."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-
-
 def mib(n):
     return f"{n / 2**20:.1f} MiB"
 
@@ -95,22 +68,23 @@ class Truncated(Exception):
 
 
 def download_once(url, dest, timeout):
+    """One try at url, written to dest all or nothing: a short or empty body leaves dest as it was."""
     # identity encoding: otherwise Content-Length counts gzip bytes and can't be checked against what we save
     with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
         r.raise_for_status()
         expected = int(r.headers.get("Content-Length", 0)) or None
         got, progress = 0, Progress()
-        with open(dest, "wb") as f:
+        with atomic_write(dest) as f:
             for chunk in r.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 got += len(chunk)
                 progress.update(f"downloading: {mib(got)}" + (f" / {mib(expected)}" if expected else ""))
-        progress.done()
-    # urllib3 usually raises on a short body itself; this check also covers servers/versions that don't
-    if expected is not None and got != expected:
-        raise Truncated(f"got {got} of {expected} bytes, the connection closed early")
-    if got == 0:
-        raise Truncated("the server sent an empty file")
+            progress.done()
+            # urllib3 usually raises on a short body itself; this check also covers servers/versions that don't
+            if expected is not None and got != expected:
+                raise Truncated(f"got {got} of {expected} bytes, the connection closed early")
+            if got == 0:
+                raise Truncated("the server sent an empty file")
 
 
 def describe(e):
@@ -130,15 +104,13 @@ def describe(e):
 
 
 def download(url, dest, retries, timeout, dataset):
-    """Fetch url into dest: a temp name beside it first, so an interrupted download never looks finished."""
-    tmp = temp_name(dest)
+    """Fetch url into dest, retrying network trouble; an interrupted download never looks finished."""
     print(f"downloading {url}")
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         for attempt in range(retries + 1):
             try:
-                download_once(url, tmp, timeout)
-                os.replace(tmp, dest)
+                download_once(url, dest, timeout)
                 return
             except (requests.RequestException, Truncated) as e:
                 error = e
@@ -152,9 +124,6 @@ def download(url, dest, retries, timeout, dataset):
                 time.sleep(wait)
     except OSError as e:  # after RequestException, which is an OSError too: this one is our own disk
         raise UserError(f"could not write {dest} ({e})")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     raise UserError(f"could not download tiny-shakespeare from {url} ({describe(error)}); download it by hand "
                     f"and run: python prepare.py {dataset} --input path/to/input.txt")
 
@@ -236,42 +205,58 @@ def read_documents(path, out_dir):
 
 def tokenize(tok, docs):
     """Token ids of all documents in order, with a separator between two documents: a newline for char,
-    <|endoftext|> for gpt2 (GPT-2's own document boundary)."""
+    <|endoftext|> for gpt2 (GPT-2's own document boundary). A long document is encoded piece by piece, so
+    a large single file shows progress too."""
     dtype = token_dtype(tok.vocab_size)
+    total, done = sum(map(len, docs)), 0
     parts, progress = [], Progress()
     for i, doc in enumerate(docs):
         if i:
             parts.append(np.array(tok.encode(GPT2_EOT if tok.kind == "gpt2" else "\n"), dtype=dtype))
-        # one numpy array per document: a python list of ints for a big corpus would take ~30x the memory
-        parts.append(np.array(tok.encode(doc), dtype=dtype))
-        if len(docs) > 1:
-            progress.update(f"tokenizing files: {i + 1}/{len(docs)}", force=i + 1 == len(docs))
+        for piece in pieces(doc):
+            # one numpy array per piece: a python list of ints for a big corpus would take ~30x the memory
+            parts.append(np.array(tok.encode(piece), dtype=dtype))
+            done += len(piece)
+            files = f" files: {i + 1}/{len(docs)}," if len(docs) > 1 else ":"
+            progress.update(f"tokenizing{files} {done / total:.0%}", force=done == total)
     progress.done()
     return np.concatenate(parts)
+
+
+# a cut right after a newline that has a non-space character on each side: GPT-2's pre-tokenizer never joins
+# text across such a newline (unlike one inside a run of whitespace), so the pieces encode to the same ids as
+# the whole; for char any cut would do
+SAFE_CUT = re.compile(r"\S\n(?=\S)")
+PIECE_CHARS = 1 << 20  # ~0.2 s of GPT-2 encoding: the progress line moves a few times a second
+
+
+def pieces(text):
+    """text in pieces of about PIECE_CHARS characters, cut only at SAFE_CUT (one piece if it has none)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = SAFE_CUT.search(text, start + PIECE_CHARS)
+        if cut is None:
+            break
+        yield text[start:cut.end()]
+        start = cut.end()
+    yield text[start:]
 
 
 # -----------------------------------------------------------------------------
 # writing
 
 def write_outputs(out_dir, train_ids, val_ids, meta):
-    """train.bin and val.bin to temp names, renamed into place, then meta.json last: a meta.json always
-    sits beside complete .bin files."""
-    tmps = {}
+    """train.bin and val.bin written in full, then renamed into place together, then meta.json last: a
+    meta.json always sits beside complete .bin files, and a failure before the renames changes nothing."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
-            tmps[name] = temp_name(os.path.join(out_dir, name))
-            with open(tmps[name], "wb") as f:
-                ids.tofile(f)
-        for name, tmp in tmps.items():
-            os.replace(tmp, os.path.join(out_dir, name))
+        with atomic_write(os.path.join(out_dir, "train.bin")) as train_f, \
+                atomic_write(os.path.join(out_dir, "val.bin")) as val_f:
+            train_ids.tofile(train_f)
+            val_ids.tofile(val_f)
         write_meta(out_dir, meta)
     except OSError as e:
         raise UserError(f"could not write to {out_dir} ({e})")
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def build_tokenizer(kind, docs):

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from common import UserError
+from common import UserError, atomic_write
 
 GPT2_EOT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -39,18 +39,11 @@ def prepare_command(dataset, data_root="data"):
 
 
 def write_meta(data_dir, meta):
-    """Write meta.json via a temp file + os.replace, so a reader never sees half a file."""
-    # hidden temp name in the same folder (so the rename is atomic), with our pid so two runs don't collide
-    tmp = os.path.join(data_dir, f".meta.json.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            # ensure_ascii=False keeps a char vocabulary readable in the file (and half the size)
-            json.dump(meta, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, os.path.join(data_dir, "meta.json"))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write meta.json all or nothing (common.atomic_write), so a reader never sees half a file."""
+    with atomic_write(os.path.join(data_dir, "meta.json"), "w", encoding="utf-8") as f:
+        # ensure_ascii=False keeps a char vocabulary readable in the file (and half the size)
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+        f.write("\n")
 
 
 def load_meta(data_dir):

@@ -4,40 +4,32 @@ assertions on the files it leaves, its exit code and its one-line errors. The CL
 'error:' line, old files untouched) runs as a real subprocess; the success paths call main() in-process to
 stay fast. Offline: downloads go to a local HTTP server, GPT-2 BPE comes from the shared tiktoken cache.
 """
+import errno
 import hashlib
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import UserError
+from conftest import CORPUS, REPO, assert_user_error, run
+from tokenizer import Tokenizer, load_meta, prepare_command, token_dtype, write_meta
 
-from common import UserError  # noqa: E402
-from tokenizer import Tokenizer, load_meta, prepare_command, token_dtype, write_meta  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
-CORPUS = SHARED / "tinyshakespeare" / "input.txt"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+TIKTOKEN_CACHE = REPO.parent / "shared" / "data" / "tiktoken_cache"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny-shakespeare not at {CORPUS}")
 needs_gpt2 = pytest.mark.skipif(not TIKTOKEN_CACHE.is_dir(), reason=f"no tiktoken cache at {TIKTOKEN_CACHE}")
 
 
-def prepare(cwd, *args):
-    """python prepare.py ARGS in cwd, as a subprocess."""
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
-    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_ok(r):
-    assert r.returncode == 0, r.stderr
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Every prepare.py run here, in-process or a subprocess (conftest.run passes os.environ on), loads GPT-2
+    BPE from the shared cache and reaches the local test server without a proxy: never the network."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
 
 
 @pytest.fixture
@@ -47,7 +39,6 @@ def prepare_here(tmp_path, monkeypatch, capsys):
     sleeps are recorded instead of slept."""
     import prepare as prep
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     sleeps = []
     monkeypatch.setattr(prep.time, "sleep", sleeps.append)
 
@@ -56,15 +47,6 @@ def prepare_here(tmp_path, monkeypatch, capsys):
         return capsys.readouterr()
     run.sleeps = sleeps
     return run
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for w in words:
-        assert w in lines[0]
 
 
 def read_dataset(data_dir):
@@ -82,12 +64,6 @@ def files_under(folder):
 
 def digest(folder):
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in files_under(folder)}
-
-
-@pytest.fixture(autouse=True)
-def gpt2_cache(monkeypatch):
-    # in-process tests load GPT-2 BPE from the shared cache too, never from the network
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 
 
 @pytest.fixture
@@ -122,8 +98,7 @@ def server():
 
 @needs_corpus
 def test_shakespeare_char_from_input(tmp_path):
-    r = prepare(tmp_path, "shakespeare_char", "--input", CORPUS)
-    assert_ok(r)
+    r = run(["prepare.py", "shakespeare_char", "--input", CORPUS], tmp_path)
     assert "vocab 65" in r.stdout
     meta, train, val = read_dataset(tmp_path / "data" / "shakespeare_char")
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
@@ -140,17 +115,22 @@ def test_shakespeare_char_from_input(tmp_path):
 
 @needs_gpt2
 @needs_corpus
-def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here):
+def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here, monkeypatch):
+    import prepare as prep
+    monkeypatch.setattr(prep, "PIECE_CHARS", 10_000)  # the one file is tokenized in ~110 pieces
     # data/shakespeare_char/input.txt already there: shakespeare must use it, not download (the URL is dead)
     (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
     (tmp_path / "data" / "shakespeare_char" / "input.txt").write_bytes(CORPUS.read_bytes())
-    out = prepare_here("shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0)
+    out = prepare_here("shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0, "--progress")
     assert "using data/shakespeare_char/input.txt" in out.out
+    assert "tokenizing: 100%" in out.err
     meta, train, val = read_dataset(tmp_path / "data" / "shakespeare")
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert "chars" not in meta
     tok = Tokenizer.from_meta(meta)
-    assert tok.decode(np.concatenate([train, val])) == CORPUS.read_text(encoding="utf-8")
+    text = CORPUS.read_text(encoding="utf-8")
+    assert np.concatenate([train, val]).tolist() == tok.encode(text)  # the pieces' ids are the whole text's
+    assert tok.decode(np.concatenate([train, val])) == text
     assert len(train) == int((len(train) + len(val)) * 0.9)
 
 
@@ -169,8 +149,8 @@ def test_download(tmp_path, server, prepare_here):
 
 def test_download_http_error(tmp_path, server):
     url, _ = server
-    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0)
-    assert_one_line_error(r, "could not download", "404", "--input")
+    r = run(["prepare.py", "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0], tmp_path, check=False)
+    assert_user_error(r, "could not download", "404", "--input")
     assert files_under(tmp_path / "data") == []
 
 
@@ -182,8 +162,8 @@ def test_download_truncated_keeps_old_files(tmp_path, server):
     for name in ("train.bin", "val.bin", "meta.json"):  # a previous run's output, without its input.txt
         (out / name).write_bytes(os.urandom(64))
     before = digest(out)
-    r = prepare(tmp_path, "shakespeare_char", "--url", url + "/input.txt", "--retries", 0)
-    assert_one_line_error(r, "truncated")
+    r = run(["prepare.py", "shakespeare_char", "--url", url + "/input.txt", "--retries", 0], tmp_path, check=False)
+    assert_user_error(r, "truncated")
     assert digest(out) == before  # same files, same bytes: no input.txt, no temp file, nothing rewritten
 
 
@@ -234,14 +214,23 @@ def test_uint32_for_big_char_vocab(tmp_path, prepare_here):
     assert Tokenizer.from_meta(meta).decode(val) == "".join(chars)
 
 
-def test_missing_input_keeps_old_files(tmp_path, prepare_here):
+def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     (tmp_path / "notes.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 5)
     prepare_here("text", "--input", "notes.txt")
     out = tmp_path / "data" / "notes"
     before = digest(out)
     assert set(before) == {"meta.json", "train.bin", "val.bin"}
-    r = prepare(tmp_path, "text", "--input", "nowhere/notes.txt", "--name", "notes")
-    assert_one_line_error(r, "nowhere/notes.txt")
+    r = run(["prepare.py", "text", "--input", "nowhere/notes.txt", "--name", "notes"], tmp_path, check=False)
+    assert_user_error(r, "nowhere/notes.txt")
+    assert digest(out) == before
+    # the disk fills up while the new files are written: the old ones stay, no temp file is left behind
+    (tmp_path / "notes.txt").write_text("a different text entirely\n" * 5)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError, match="could not write to data/notes.*No space left"):
+        prepare_here("text", "--input", "notes.txt")
     assert digest(out) == before
 
 
