@@ -327,7 +327,7 @@ def _write(name, text):
 
 def _edit_meta(case):
     """meta.json that claims 10 characters while the token files hold ids up to ~58."""
-    path = case / "data" / "tiny" / "meta.json"
+    path = case / "data" / "shakespeare_char" / "meta.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta.update(chars=meta["chars"][:10], vocab_size=10)
     path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
