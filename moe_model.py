@@ -18,9 +18,14 @@ experts, the model. Expert weights are stacked into (E, ...) tensors and two imp
 - 'grouped' (moe_grouped.py): sort assignments by expert and run every expert in one grouped matrix
   multiply per projection, with static shapes (torch.compile(fullgraph=True) works). Tested equal to 'loop'.
 'auto' takes 'grouped' where torch's grouped GEMM kernel runs (see moe_grouped.py), 'loop' elsewhere.
+
+MoEGPT.from_dense turns a dense GPT into an MoEGPT by sparse upcycling (Komatsuzaki et al. 2022): every MoE
+layer's experts start as copies of the dense MLP they replace and the router starts small and random. With
+moe_renorm the top-k weights sum to 1, so the upcycled model computes exactly the dense model's function at
+the start of training.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -224,3 +229,41 @@ class MoEGPT(GPT):
             per_expert = sum(p[0].numel() for p in layer.experts.parameters())
             inactive += (self.config.n_experts - self.config.moe_top_k) * per_expert
         return self.get_num_params() - inactive
+
+    @classmethod
+    def from_dense(cls, dense, moe_config, router_std=0.02):
+        """Sparse upcycling: an MoEGPT whose non-MLP weights are the dense GPT's, whose MoE layers' experts are
+        each a copy of the dense MLP they replace and whose routers start at N(0, router_std). Layers that
+        stay dense (moe_every > 1) keep their MLP."""
+        dc = asdict(dense.config)
+        differ = [f"{k}: dense {dc[k]!r} vs MoE config {getattr(moe_config, k)!r}" for k in dc
+                  if k != "dropout" and getattr(moe_config, k) != dc[k]]
+        if differ:
+            raise UserError(f"cannot upcycle: the MoE config's shape differs from the dense model's "
+                            f"({'; '.join(differ)})")
+        if moe_config.hidden() != mlp_hidden_size(dense.config):
+            raise UserError(f"cannot upcycle with expert_hidden={moe_config.expert_hidden}: experts copy the dense "
+                            f"MLP, so expert_hidden must be None (= {mlp_hidden_size(dense.config)})")
+        if moe_config.n_shared_experts:
+            raise UserError("cannot upcycle with n_shared_experts > 0 (the dense MLP would be counted twice); "
+                            "use n_shared_experts=0")
+        moe = cls(moe_config)
+        dense_sd = dense.state_dict()
+        # experts: (E, out, in) stacks of the dense nn.Linear (out, in) weights, (E, out) stacks of biases
+        copy_of = {"experts.c_fc": "c_fc.weight", "experts.c_proj": "c_proj.weight",
+                   "experts.c_fc_bias": "c_fc.bias", "experts.c_proj_bias": "c_proj.bias"}
+        sd = {}
+        for name, p in moe.state_dict().items():
+            if name in dense_sd:  # embeddings, attention, norms, head, and the MLPs of layers that stay dense
+                sd[name] = dense_sd[name]
+                continue
+            prefix, _, leaf = name.partition(".mlp.")
+            if leaf in copy_of:
+                sd[name] = dense_sd[prefix + ".mlp." + copy_of[leaf]].unsqueeze(0).expand_as(p).clone()
+            elif leaf == "router.weight":
+                sd[name] = torch.randn_like(p) * router_std
+            else:
+                raise RuntimeError(f"upcycling has no rule for the MoE parameter {name}; teach MoEGPT.from_dense "
+                                   f"about it")
+        moe.load_state_dict(sd)
+        return moe
