@@ -7,10 +7,10 @@ and one grouped matrix multiply per projection instead of a Python loop over exp
                     -> scale by the routing weights, scatter-add back -> y_TD
 
 torch._grouped_mm (torch >= 2.8) multiplies block e of the rows of x_AI by w_EIO[e], the blocks given by
-each expert's end offset. What it takes (torch 2.13; ATen's GroupedMMUtils.h, GroupedBlas.cpp and
-torch/_meta_registrations.py):
-- eager on the CPU: float32, bfloat16 and float16. It runs one matmul per expert in C++, so it computes
-  exactly what the loop computes (same numbers, same gradients), without the loop's torch.where per expert.
+each expert's end offset. What it takes (ATen's GroupedMMUtils.h and cuda/GroupedBlas.cpp, torch 2.13's
+torch/_meta_registrations.py; the CPU lines checked by tests/test_moe_grouped.py):
+- eager on the CPU: float32, bfloat16 and float16. It runs one matmul per expert in C++, the loop's matmuls
+  (bit-identical outputs and gradients without biases), without the loop's torch.where per expert.
 - eager on CUDA: the same three dtypes. bfloat16 on sm90/sm100 (H100, B200) runs the CUTLASS grouped
   kernel; the rest run one matmul per expert after copying the offsets to the host (a sync, like the loop).
 - under torch.compile: bfloat16 only; the shape function that tracing runs rejects other dtypes.
