@@ -1,20 +1,15 @@
 """
-GPT-2 weights in and out of Hugging Face format, and sparse upcycling of a dense GPT into an MoEGPT. The one
-place that knows the Hugging Face layout; train.py (init_from='gpt2' or 'hf:/path') and export.py use it.
+GPT-2 weights in and out of Hugging Face format. The one place that knows the Hugging Face layout; train.py
+(init_from='gpt2' or 'hf:/path') and export.py use it.
 
     dense = load_gpt2("gpt2")                       # hub download (needs transformers), like nanoGPT
     dense = load_gpt2("hf:/path/to/folder")         # a folder written by save_pretrained or export.py
-    moe = upcycle(dense, MoEConfig(**asdict(dense.config), n_experts=8, moe_top_k=2))
     export_hf(dense, "out/hf")                      # config.json + model.safetensors, GPT2LMHeadModel layout
 
 Hugging Face's GPT-2 keeps its linear layers in a Conv1D module whose weight is (in, out), the transpose of
 nn.Linear's (out, in); the four such matrices per layer are transposed on the way in and out. GPT-2's MLP
 uses the tanh approximation of GELU ('gelu_new'): loaded models get mlp='gelu_tanh' and so compute exactly
 what transformers computes; export_hf writes the activation the model uses ('gelu' or 'gelu_new').
-
-Sparse upcycling (Komatsuzaki et al. 2022): every MoE layer's experts start as copies of the dense MLP they
-replace and the router starts small and random. With moe_renorm the top-k weights sum to 1, so the
-upcycled model computes exactly the dense model's function at the start of training.
 """
 import json
 import os
@@ -23,7 +18,7 @@ from dataclasses import asdict, fields
 import torch
 
 from common import UserError
-from model import GPT, GPTConfig, check_same_model, mlp_hidden_size
+from model import GPT, GPTConfig, check_same_model
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face's Conv1D weights are (in, out): these are transposed to and from nn.Linear's (out, in)
@@ -119,50 +114,11 @@ def load_gpt2(name_or_path, dropout=0.0):
     return model
 
 
-def upcycle(dense, moe_config, router_std=0.02):
-    """Sparse upcycling: an MoEGPT whose non-MLP weights are the dense GPT's, whose MoE layers' experts are
-    each a copy of the dense MLP they replace and whose routers start at N(0, router_std). Layers that stay
-    dense (moe_every > 1) keep their MLP."""
-    from moe_model import MoEGPT  # imported here: moe_model is only needed for upcycling
-
-    dc = asdict(dense.config)
-    differ = [f"{k}: dense {dc[k]!r} vs MoE config {getattr(moe_config, k)!r}" for k in dc
-              if k != "dropout" and getattr(moe_config, k) != dc[k]]
-    if differ:
-        raise UserError(f"cannot upcycle: the MoE config's shape differs from the dense model's ({'; '.join(differ)})")
-    if moe_config.hidden() != mlp_hidden_size(dense.config):
-        raise UserError(f"cannot upcycle with expert_hidden={moe_config.expert_hidden}: experts copy the dense "
-                        f"MLP, so expert_hidden must be None (= {mlp_hidden_size(dense.config)})")
-    if moe_config.n_shared_experts:
-        raise UserError("cannot upcycle with n_shared_experts > 0 (the dense MLP would be counted twice); "
-                        "use n_shared_experts=0")
-    moe = MoEGPT(moe_config)
-    dense_sd = dense.state_dict()
-    sd = {}
-    for name, p in moe.state_dict().items():
-        if name in dense_sd:  # embeddings, attention, norms, head, and the MLPs of layers that stay dense
-            sd[name] = dense_sd[name]
-            continue
-        prefix, _, leaf = name.partition(".mlp.")
-        mlp = prefix + ".mlp."
-        # experts: (E, out, in) stacks of the dense nn.Linear (out, in) weights, (E, out) stacks of biases
-        copy_of = {"experts.c_fc": "c_fc.weight", "experts.c_proj": "c_proj.weight",
-                   "experts.c_fc_bias": "c_fc.bias", "experts.c_proj_bias": "c_proj.bias"}
-        if leaf in copy_of:
-            sd[name] = dense_sd[mlp + copy_of[leaf]].unsqueeze(0).expand_as(p).clone()
-        elif leaf == "router.weight":
-            sd[name] = torch.randn_like(p) * router_std
-        else:
-            raise RuntimeError(f"upcycle has no rule for the MoE parameter {name}; teach hf_gpt2.upcycle about it")
-    moe.load_state_dict(sd)
-    return moe
-
-
 def model_for_training(cfg, explicit=()):
     """train.py's init_from='gpt2'|...|'hf:/path': the GPT-2 weights with the run's dropout, cropped to its
     block_size, upcycled to an MoEGPT with the run's MoE settings when n_experts > 0. The shape comes from
     the checkpoint; a shape setting the run sets explicitly (in `explicit`) must agree with it."""
-    from moe_model import MoEConfig
+    from moe_model import MoEConfig, MoEGPT
 
     dense = load_gpt2(cfg["init_from"], dropout=cfg["dropout"])
     arch = asdict(dense.config)
@@ -173,7 +129,7 @@ def model_for_training(cfg, explicit=()):
     if cfg.get("n_experts", 0) <= 0:
         return dense
     moe_keys = [f.name for f in fields(MoEConfig) if f.name not in arch]
-    return upcycle(dense, MoEConfig(**asdict(dense.config), **{k: cfg[k] for k in moe_keys}))
+    return MoEGPT.from_dense(dense, MoEConfig(**asdict(dense.config), **{k: cfg[k] for k in moe_keys}))
 
 
 def export_hf(model, folder):

@@ -11,14 +11,21 @@ extra losses that keep the router healthy:
 - router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, averaged over MoE layers; it
   keeps the logits small, which keeps the float32 softmax well conditioned.
 
-Expert weights are stacked into (E, ...) tensors. Two implementations read them:
-- 'loop': the reference. For each expert: gather its tokens, run its MLP, scale by the routing weight,
-  scatter-add into the output. Easy to read and to check.
-- 'grouped': sort assignments by expert and run every expert in one grouped matrix multiply per
-  projection, with static shapes (torch.compile(fullgraph=True) works). Tested equal to 'loop'.
+The file reads top-down: the config, the MoE block (route -> experts -> combine -> stats), the router, the
+experts, the model. Expert weights are stacked into (E, ...) tensors and two implementations read them:
+- 'loop' (Experts.forward_loop, here): the reference. For each expert: gather its tokens, run its MLP, scale
+  by the routing weight, scatter-add into the output. Easy to read and to check.
+- 'grouped' (moe_grouped.py): sort assignments by expert and run every expert in one grouped matrix
+  multiply per projection, with static shapes (torch.compile(fullgraph=True) works). Tested equal to 'loop'.
+'auto' takes 'grouped' where torch's grouped GEMM kernel runs (see moe_grouped.py), 'loop' elsewhere.
+
+MoEGPT.from_dense turns a dense GPT into an MoEGPT by sparse upcycling (Komatsuzaki et al. 2022): every MoE
+layer's experts start as copies of the dense MLP they replace and the router starts small and random. With
+moe_renorm the top-k weights sum to 1, so the upcycled model computes exactly the dense model's function at
+the start of training.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 from common import UserError
 from configurator import setting
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
+from moe_grouped import compute_dtype, grouped_experts, grouped_kernel_available
 
 
 @dataclass
@@ -64,6 +72,84 @@ class MoEConfig(GPTConfig):
         return self.expert_hidden or mlp_hidden_size(self)
 
 
+class MoE(nn.Module):
+    """Router + experts (+ shared experts): the feed-forward block of an MoE layer. After each forward,
+    self.stats holds this layer's balance loss, z-loss, per-expert load and dropped fraction."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.shared = None
+        if config.n_shared_experts > 0:
+            # n shared experts summed are one MLP with n times the hidden size (and one output bias);
+            # the MoE block applies dropout once, to the sum
+            self.shared = MLP(config, hidden=config.hidden() * config.n_shared_experts, dropout=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.stats = {}
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x_TD = x.reshape(B * T, D)  # every token on its own: routing does not look at the sequence
+
+        # route: each token picks its top-k experts; capacity may drop some of those assignments
+        logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
+        if self.config.capacity_factor > 0:
+            keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
+        else:
+            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+
+        # experts: the routing-weighted sum of each token's chosen experts
+        if self.use_grouped(x_TD):
+            y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK)
+        else:
+            y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)
+
+        # combine: shared experts see every token
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+
+        # stats. Balance loss: f from the (non-differentiable) choices, P from the full softmax (carries the
+        # gradient)
+        E = self.config.n_experts
+        f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
+        P_E = probs_TE.mean(dim=0)
+        self.stats = {"balance": E * (f_E * P_E).sum(),
+                      "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
+                      "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
+        return self.dropout(y_TD.view(B, T, D))
+
+    def route(self, x_TD):
+        """-> logits (T, E) fp32, probs (T, E), chosen experts (T, K), routing weights (T, K) fp32."""
+        logits_TE = self.router(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weight_TK, expert_TK = probs_TE.topk(self.config.moe_top_k, dim=-1)
+        if self.config.moe_renorm:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, expert_TK, weight_TK
+
+    def capacity_mask(self, expert_TK):
+        """True for the assignments an expert serves under the capacity limit. All top-1 choices queue
+        before any top-2 choice, so a token loses its second expert before anyone loses their first."""
+        T, K = expert_TK.shape
+        E = self.config.n_experts
+        capacity = math.ceil(K * T / E * self.config.capacity_factor)
+        onehot_KTE = F.one_hot(expert_TK.t(), E)  # (K, T, E), slot-major: top-1 of all tokens first
+        position_KTE = onehot_KTE.flatten(0, 1).cumsum(0).view(K, T, E) - 1  # place in its expert's queue
+        position_TK = (position_KTE * onehot_KTE).sum(-1).t()  # (T, K)
+        return position_TK < capacity
+
+    def use_grouped(self, x_TD):
+        """'auto' takes the grouped path where torch's grouped GEMM kernel takes the experts' matmuls (device,
+        dtype, row sizes), the loop elsewhere."""
+        impl = self.config.moe_impl
+        if impl == "auto":
+            in_features = (self.experts.c_fc.size(-1), self.experts.c_proj.size(-1))  # D and F
+            return grouped_kernel_available(x_TD.device.type, compute_dtype(x_TD), in_features)
+        return impl == "grouped"
+
+
 class Router(nn.Module):
     """Scores every expert for every token, in float32 even under autocast (the softmax is sensitive)."""
 
@@ -94,15 +180,6 @@ class Experts(nn.Module):
         self.c_fc_bias = nn.Parameter(torch.zeros(E, fc_out)) if config.bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(E, D)) if config.bias else None
 
-    def activation(self, h):
-        return mlp_activation(h, self.kind)
-
-    def expert_mlp(self, e, x):
-        """Expert e's MLP on x (n, D) -> (n, D)."""
-        b_fc = self.c_fc_bias[e] if self.c_fc_bias is not None else None
-        b_proj = self.c_proj_bias[e] if self.c_proj_bias is not None else None
-        return F.linear(self.activation(F.linear(x, self.c_fc[e], b_fc)), self.c_proj[e], b_proj)
-
     def forward_loop(self, x_TD, expert_TK, weight_TK, keep_TK):
         """Reference: one expert at a time. keep_TK is False for assignments dropped by capacity."""
         y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
@@ -113,126 +190,14 @@ class Experts(nn.Module):
             y_TD.index_add_(0, token_idx, out.float() * weight_TK[token_idx, slot].unsqueeze(1))
         return y_TD.to(x_TD.dtype)
 
-    def forward_grouped(self, x_TD, expert_TK, weight_TK, keep_TK):
-        """Fast path with static shapes: sort the T*K assignments by expert, gather their tokens once, run
-        all experts with one grouped matmul per projection, scatter back. Dropped assignments are computed
-        too (a fixed shape beats a data-dependent one) and then weighted by 0."""
-        T, K = expert_TK.shape
-        E = self.c_fc.size(0)
-        expert_A = expert_TK.flatten()  # (A,) with A = T*K assignments, token-major
-        order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
-        token_A = order_A // K  # which token each sorted assignment belongs to
-        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
-            0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
-        offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
-        expert_sorted_A = expert_A[order_A]
-        x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
-        h_AF = grouped_linear(x_AD, self.c_fc, offsets_E, expert_sorted_A)
-        if self.c_fc_bias is not None:
-            h_AF = h_AF + self.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
-        out_AD = grouped_linear(self.activation(h_AF), self.c_proj, offsets_E, expert_sorted_A)
-        if self.c_proj_bias is not None:
-            out_AD = out_AD + self.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
-        w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
-        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-        y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
-        return y_TD.to(x_TD.dtype)
+    def expert_mlp(self, e, x):
+        """Expert e's MLP on x (n, D) -> (n, D)."""
+        b_fc = self.c_fc_bias[e] if self.c_fc_bias is not None else None
+        b_proj = self.c_proj_bias[e] if self.c_proj_bias is not None else None
+        return F.linear(self.activation(F.linear(x, self.c_fc[e], b_fc)), self.c_proj[e], b_proj)
 
-
-def compute_dtype(x):
-    """The dtype matmuls run in: autocast's where it is on (LayerNorm hands us float32 even then)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def grouped_kernel_available(device_type, dtype):
-    """torch's grouped GEMM (torch >= 2.8) takes bf16, on CUDA and on CPU; elsewhere we use the fallback."""
-    return device_type in ("cuda", "cpu") and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
-def grouped_linear(x_AI, w_EOI, offsets_E, expert_A):
-    """Row a of x_AI times expert expert_A[a]'s weight w_EOI[e] (out, in), for rows sorted by expert
-    (offsets_E[e] = end of expert e's rows). -> (A, O)"""
-    if grouped_kernel_available(x_AI.device.type, x_AI.dtype):
-        # one kernel for all experts; it takes no autocast, so the weights are cast explicitly
-        return torch._grouped_mm(x_AI, w_EOI.to(x_AI.dtype).transpose(-2, -1), offs=offsets_E)
-    # fallback with the same static shapes (any device and dtype): every expert multiplies every row and a
-    # mask keeps the rows that are its own. E times the FLOPs: for checking and compiling, not for speed.
-    out_AO = x_AI.new_zeros(x_AI.size(0), w_EOI.size(1))
-    for e in range(w_EOI.size(0)):
-        mine_A1 = (expert_A == e).unsqueeze(1).to(x_AI.dtype)
-        out_AO = out_AO + mine_A1 * F.linear(x_AI, w_EOI[e].to(x_AI.dtype))
-    return out_AO
-
-
-class MoE(nn.Module):
-    """Router + experts (+ shared experts): the feed-forward block of an MoE layer. After each forward,
-    self.stats holds this layer's balance loss, z-loss, per-expert load and dropped fraction."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.router = Router(config)
-        self.experts = Experts(config)
-        self.shared = None
-        if config.n_shared_experts > 0:
-            # n shared experts summed are one MLP with n times the hidden size (and one output bias);
-            # the MoE block applies dropout once, to the sum
-            self.shared = MLP(config, hidden=config.hidden() * config.n_shared_experts, dropout=False)
-        self.dropout = nn.Dropout(config.dropout)
-        self.stats = {}
-
-    def use_grouped(self, x_TD):
-        """'auto' takes the grouped path where the grouped GEMM kernel runs (bf16), the loop elsewhere."""
-        impl = self.config.moe_impl
-        if impl == "auto":
-            return grouped_kernel_available(x_TD.device.type, compute_dtype(x_TD))
-        return impl == "grouped"
-
-    def route(self, x_TD):
-        """-> logits (T, E) fp32, probs (T, E), chosen experts (T, K), routing weights (T, K) fp32."""
-        logits_TE = self.router(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, expert_TK = probs_TE.topk(self.config.moe_top_k, dim=-1)
-        if self.config.moe_renorm:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        return logits_TE, probs_TE, expert_TK, weight_TK
-
-    def capacity_mask(self, expert_TK):
-        """True for the assignments an expert serves under the capacity limit. All top-1 choices queue
-        before any top-2 choice, so a token loses its second expert before anyone loses their first."""
-        T, K = expert_TK.shape
-        E = self.config.n_experts
-        capacity = math.ceil(K * T / E * self.config.capacity_factor)
-        onehot_KTE = F.one_hot(expert_TK.t(), E)  # (K, T, E), slot-major: top-1 of all tokens first
-        position_KTE = onehot_KTE.flatten(0, 1).cumsum(0).view(K, T, E) - 1  # place in its expert's queue
-        position_TK = (position_KTE * onehot_KTE).sum(-1).t()  # (T, K)
-        return position_TK < capacity
-
-    def forward(self, x):
-        B, T, D = x.shape
-        x_TD = x.reshape(B * T, D)
-        logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
-        if self.config.capacity_factor > 0:
-            keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
-        else:
-            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
-        if self.use_grouped(x_TD):
-            y_TD = self.experts.forward_grouped(x_TD, expert_TK, weight_TK, keep_TK)
-        else:
-            y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-
-        # balance loss: f from the (non-differentiable) choices, P from the full softmax (carries the gradient)
-        E = self.config.n_experts
-        f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
-        P_E = probs_TE.mean(dim=0)
-        self.stats = {"balance": E * (f_E * P_E).sum(),
-                      "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
-                      "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
-        return self.dropout(y_TD.view(B, T, D))
+    def activation(self, h):
+        return mlp_activation(h, self.kind)
 
 
 class MoEGPT(GPT):
@@ -264,3 +229,41 @@ class MoEGPT(GPT):
             per_expert = sum(p[0].numel() for p in layer.experts.parameters())
             inactive += (self.config.n_experts - self.config.moe_top_k) * per_expert
         return self.get_num_params() - inactive
+
+    @classmethod
+    def from_dense(cls, dense, moe_config, router_std=0.02):
+        """Sparse upcycling: an MoEGPT whose non-MLP weights are the dense GPT's, whose MoE layers' experts are
+        each a copy of the dense MLP they replace and whose routers start at N(0, router_std). Layers that
+        stay dense (moe_every > 1) keep their MLP."""
+        dc = asdict(dense.config)
+        differ = [f"{k}: dense {dc[k]!r} vs MoE config {getattr(moe_config, k)!r}" for k in dc
+                  if k != "dropout" and getattr(moe_config, k) != dc[k]]
+        if differ:
+            raise UserError(f"cannot upcycle: the MoE config's shape differs from the dense model's "
+                            f"({'; '.join(differ)})")
+        if moe_config.hidden() != mlp_hidden_size(dense.config):
+            raise UserError(f"cannot upcycle with expert_hidden={moe_config.expert_hidden}: experts copy the dense "
+                            f"MLP, so expert_hidden must be None (= {mlp_hidden_size(dense.config)})")
+        if moe_config.n_shared_experts:
+            raise UserError("cannot upcycle with n_shared_experts > 0 (the dense MLP would be counted twice); "
+                            "use n_shared_experts=0")
+        moe = cls(moe_config)
+        dense_sd = dense.state_dict()
+        # experts: (E, out, in) stacks of the dense nn.Linear (out, in) weights, (E, out) stacks of biases
+        copy_of = {"experts.c_fc": "c_fc.weight", "experts.c_proj": "c_proj.weight",
+                   "experts.c_fc_bias": "c_fc.bias", "experts.c_proj_bias": "c_proj.bias"}
+        sd = {}
+        for name, p in moe.state_dict().items():
+            if name in dense_sd:  # embeddings, attention, norms, head, and the MLPs of layers that stay dense
+                sd[name] = dense_sd[name]
+                continue
+            prefix, _, leaf = name.partition(".mlp.")
+            if leaf in copy_of:
+                sd[name] = dense_sd[prefix + ".mlp." + copy_of[leaf]].unsqueeze(0).expand_as(p).clone()
+            elif leaf == "router.weight":
+                sd[name] = torch.randn_like(p) * router_std
+            else:
+                raise RuntimeError(f"upcycling has no rule for the MoE parameter {name}; teach MoEGPT.from_dense "
+                                   f"about it")
+        moe.load_state_dict(sd)
+        return moe

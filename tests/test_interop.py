@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers", reason="GPT-2 interop needs t
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from common import UserError  # noqa: E402
 from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run  # noqa: E402
-from hf_gpt2 import export_hf, load_gpt2, model_for_training, upcycle  # noqa: E402
+from hf_gpt2 import export_hf, load_gpt2, model_for_training  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from moe_model import MoEConfig  # noqa: E402
+from moe_model import MoEConfig, MoEGPT  # noqa: E402
 
 HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
 
@@ -104,8 +104,8 @@ def test_load_gpt2_errors_are_readable(tmp_path):
                                                 (4, 1, "loop")])
 def test_upcycled_moe_computes_the_dense_logits(hf_dir, idx, top_k, every, impl):
     dense = load_gpt2(f"hf:{hf_dir}")
-    moe = upcycle(dense, MoEConfig(**asdict(dense.config), n_experts=4, moe_top_k=top_k, moe_every=every,
-                                   moe_impl=impl))
+    moe = MoEGPT.from_dense(dense, MoEConfig(**asdict(dense.config), n_experts=4, moe_top_k=top_k,
+                                             moe_every=every, moe_impl=impl))
     assert len(moe.moe_layers()) == (2 if every == 1 else 1)
     for layer in moe.moe_layers():
         assert torch.equal(layer.experts.c_fc[3], layer.experts.c_fc[0])  # every expert is the same MLP
@@ -116,9 +116,9 @@ def test_upcycled_moe_computes_the_dense_logits(hf_dir, idx, top_k, every, impl)
 def test_upcycle_refuses_experts_that_cannot_copy_the_mlp(hf_dir):
     dense = load_gpt2(f"hf:{hf_dir}")
     with pytest.raises(UserError, match="expert_hidden"):
-        upcycle(dense, MoEConfig(**asdict(dense.config), n_experts=4, expert_hidden=64))
+        MoEGPT.from_dense(dense, MoEConfig(**asdict(dense.config), n_experts=4, expert_hidden=64))
     with pytest.raises(UserError, match="n_embd"):
-        upcycle(dense, MoEConfig(**{**asdict(dense.config), "n_embd": 64}, n_experts=4))
+        MoEGPT.from_dense(dense, MoEConfig(**{**asdict(dense.config), "n_embd": 64}, n_experts=4))
 
 
 def test_model_for_training_takes_shape_from_checkpoint(hf_dir):

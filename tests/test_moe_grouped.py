@@ -97,8 +97,27 @@ def test_checkpoint_from_one_implementation_runs_with_the_other(tmp_path):
 
 def test_auto_uses_the_loop_where_no_grouped_kernel_runs():
     torch.manual_seed(0)
+    model = MoEGPT(MoEConfig(moe_impl="auto", **{**TINY, "n_embd": 30}))
+    # float32 rows of 30 * 4 bytes: torch._grouped_mm wants multiples of 16 bytes, so the loop
+    assert not model.moe_layers()[0].use_grouped(torch.zeros(4, 30))
     model = MoEGPT(MoEConfig(moe_impl="auto", **TINY))
-    assert not model.moe_layers()[0].use_grouped(torch.zeros(4, 32))  # CPU float32: the loop
+    assert model.moe_layers()[0].use_grouped(torch.zeros(4, 32))  # CPU float32: the grouped kernel runs
+
+
+def test_grouped_kernel_in_float32_matches_the_loop(monkeypatch):
+    # in float32 on the CPU, torch._grouped_mm runs one matmul per expert, the same matmuls as the loop: the
+    # same bits (without biases, which the loop adds inside F.linear), and E times fewer FLOPs than the fallback
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loop, grouped = twin_models(moe_top_k=2, bias=False)
+    idx = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    logits_l, grads_l, _ = forward_backward(loop, idx)
+    logits_g, grads_g, _ = forward_backward(grouped, idx)
+    assert calls  # the grouped model ran the grouped GEMM kernel, not the masked fallback
+    torch.testing.assert_close(logits_g, logits_l, rtol=0, atol=0)
+    for name in grads_l:
+        torch.testing.assert_close(grads_g[name], grads_l[name], rtol=0, atol=0, msg=name)
 
 
 def test_grouped_kernel_under_bf16_autocast_matches_the_loop(monkeypatch):
