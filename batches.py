@@ -3,6 +3,7 @@ Token data on disk (data/<dataset>/{train,val}.bin written by prepare.py) and ra
 Shared by train.py and bench.py. Batches come from an explicit torch.Generator, so a run's sequence of
 batches depends only on that generator's state (saved in checkpoints for bit-exact resume).
 """
+import hashlib
 import os
 
 import numpy as np
@@ -42,6 +43,17 @@ class TokenData:
                 raise UserError(f"{self.path(split)} holds token id {top} but meta.json says vocab_size="
                                 f"{self.meta['vocab_size']} (data and meta come from different runs of prepare.py; "
                                 f"rerun: {prepare_command(dataset, data_root)})")
+
+    def tokenizer_meta(self):
+        """The tokenizer's part of meta.json: what a checkpoint keeps so it can be sampled without the data."""
+        return {k: self.meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in self.meta}
+
+    def fingerprint(self):
+        """What identifies this data cheaply (no full-data hash per save): the dataset, a hash of meta.json and
+        the token counts."""
+        with open(os.path.join(self.dir, "meta.json"), "rb") as f:
+            meta_sha256 = hashlib.sha256(f.read()).hexdigest()
+        return {"dataset": os.path.basename(self.dir), "meta_sha256": meta_sha256, **self.sizes}
 
     def path(self, split):
         return os.path.join(self.dir, f"{split}.bin")

@@ -10,24 +10,28 @@ MoE/dense ratios. Accepts every train.py config key and vocab_size, plus the few
 """
 import os
 import statistics
+import signal
 import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import torch
 
 from checkpoint import model_state, save_checkpoint
 from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
-from configurator import parse_args, script_keys
+from configurator import Valid, parse_args, script_keys
 from model import build_model, model_keys
 from train import RUN_KEYS
 
 # -----------------------------------------------------------------------------
 # bench.py's own keys; every train.py and model key is one too (vocab_size included: there is no dataset)
 bench_variants = "dense,loop,grouped"  # which of dense, loop, grouped to run
-bench_warmup = 3  # untimed steps first (compilation, allocator warm-up)
-bench_steps = 10  # timed steps; the median is reported
+bench_warmup: Valid(min=0) = 3  # untimed steps first (compilation, allocator warm-up)
+bench_steps: Valid(min=1) = 10  # timed steps; the median is reported
 bench_checkpoint = True  # also time an atomic save of the full training checkpoint (model + AdamW state)
 # -----------------------------------------------------------------------------
 KEYS = {**RUN_KEYS, **model_keys(), **script_keys(globals())}
@@ -111,8 +115,6 @@ def main():
     if cfg.n_experts < 1 and set(variants) - {"dense"}:
         raise UserError("the MoE variants need experts: set --n_experts (e.g. --n_experts=8), or "
                         "--bench_variants=dense")
-    if cfg.bench_steps < 1 or cfg.bench_warmup < 0:
-        raise UserError("bench_steps must be >= 1 and bench_warmup >= 0")
     dev = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, dev)
     peak = gpu_peak_flops(dev, cfg.peak_flops)

@@ -68,8 +68,16 @@ def link_checkpoint(src, dst):
     replace_durably(tmp, dst)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely; missing, truncated, corrupt or code-carrying files are a UserError."""
+# what each entry of a checkpoint is; every loader needs model + model_args, and names what else it needs
+ENTRY_TYPES = {"model": dict, "model_args": dict, "tokenizer": dict, "config": dict, "optimizer": dict,
+               "scaler": dict, "iter_num": int, "best_val_loss": float, "rng": list}
+TO_RESUME = ("tokenizer", "config", "optimizer", "iter_num", "best_val_loss", "rng")
+
+
+def load_checkpoint(path, needs=(), map_location="cpu"):
+    """Load a checkpoint safely; missing, truncated, corrupt or code-carrying files, and checkpoints that lack
+    an entry the caller needs (`needs`, beyond model and model_args) or hold an entry of the wrong type or an
+    unknown model setting, are a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir / --init_from)")
     # torch.save writes a zip whose entries carry CRC32s that torch.load never checks: test them here (about
@@ -95,7 +103,23 @@ def load_checkpoint(path, map_location="cpu"):
                         f"({type(e).__name__}: {first_line})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoMoE checkpoint (no 'model'/'model_args' entries)")
+    check_entries(ckpt, path, needs)
     return ckpt
+
+
+def check_entries(ckpt, path, needs):
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (it was saved by an older nanoMoE, or it is damaged); "
+                        f"train it again, or use a checkpoint that has them")
+    wrong = [f"{k} is a {type(ckpt[k]).__name__}, not a {t.__name__}" for k, t in ENTRY_TYPES.items()
+             if k in ckpt and not (isinstance(ckpt[k], t) or t is float and isinstance(ckpt[k], int))]
+    if wrong:
+        raise UserError(f"{path} is damaged: {'; '.join(wrong)}")
+    unknown = sorted(set(ckpt["model_args"]) - set(model_keys()))
+    if unknown:
+        raise UserError(f"{path} has model settings this nanoMoE does not know ({', '.join(unknown)}): it was "
+                        f"saved by another version; use that version, or one that has these settings")
 
 
 def model_from_checkpoint(ckpt, overrides=None):

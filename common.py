@@ -4,6 +4,7 @@ line, writing a file all or nothing, device/dtype selection and the autocast con
 here and imported everywhere.
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -24,12 +25,48 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main):
-    """Run main(); turn a UserError into a one-line message on stderr and exit code 2 (no traceback)."""
+    """Run main() the way every script runs: a UserError is one 'error: ...' line on stderr and exit code 2
+    (no traceback); Ctrl-C before a script handles it exits quietly with 130; a reader that closes our
+    stdout (`train.py | head`) stops the printing, not the run."""
+    stdout, sys.stdout = sys.stdout, PipeSafeStdout(sys.stdout)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+class PipeSafeStdout:
+    """sys.stdout that, once its reader has gone (BrokenPipeError), sends the rest to /dev/null."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # what is still buffered goes there too
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class Progress:
@@ -79,7 +116,8 @@ def atomic_write(path, mode="wb", **open_kwargs):
             torch.save(ckpt, f)
 
     The file is written under temp_path(path), flushed and fsync'ed, then renamed over path. On any failure
-    (disk full, Ctrl-C) the temp file is removed and path is as it was."""
+    (disk full, Ctrl-C) the temp file is removed and path is as it was; a full disk is a UserError that says
+    so."""
     tmp = temp_path(path)
     try:
         with open(tmp, mode, **open_kwargs) as f:
@@ -87,10 +125,17 @@ def atomic_write(path, mode="wb", **open_kwargs):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         replace_durably(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(disk_full_message(path)) from None
         raise
+
+
+def disk_full_message(path):
+    return (f"the disk is full: no space left to write {path} (what was there before is unchanged); "
+            f"free some space, then run the command again")
 
 
 def pick_device(device):
@@ -108,9 +153,14 @@ def pick_device(device):
         raise UserError(f"device '{device}' asked for but CUDA is not available (use --device=cpu or --device=auto)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device '{device}' asked for but MPS is not available (use --device=cpu or --device=auto)")
-    if kind not in ("cuda", "mps", "cpu"):
+    index = device.split(":", 1)[1] if ":" in device else "0"
+    if kind not in ("cuda", "mps", "cpu") or not index.isdigit() or (kind != "cuda" and ":" in device):
         raise UserError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
     return device
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_SEED = 2**32 - 1 - 1024  # numpy's seeds end at 2**32 - 1; each DDP rank adds its rank (and eval adds 999)
 
 
 def pick_dtype(dtype, device):

@@ -12,8 +12,9 @@ Each key is declared once, where it lives:
 - a model setting is a dataclass field made with setting() (model.py, moe_model.py): its annotation is its
   type, its metadata holds its range, its choices and whether it is `runtime` (how the model computes, not
   what it is: a run loading a checkpoint may set it anew) or part of the model (the checkpoint decides it);
-- a script setting is a module-level variable (train.py, sample.py...): its default gives its type, or an
-  annotation where the default is None (`peak_flops: float | None = None`).
+- a script setting is a module-level variable (train.py, sample.py...): its default gives its type, and its
+  annotation, where it has one, the rest: `batch_size: Valid(min=1) = 12`,
+  `peak_flops: Valid(float | None, above=0) = None`, `dtype: Valid(choices=("auto", "float32")) = "auto"`.
 """
 import ast
 import difflib
@@ -43,10 +44,22 @@ class Key:
 
     @classmethod
     def of_default(cls, default, annotation=None):
-        """A key typed by its annotation, else by its default (a None default without one takes any value)."""
+        """A key typed by its annotation (a type or a Valid), else by its default (a None default without one
+        takes any value)."""
+        declaration = {}
+        if isinstance(annotation, Valid):
+            annotation, declaration = annotation.type, annotation.declaration
         if annotation is not None:
-            return cls(default, types_of(annotation))
-        return cls(default, PLAIN_TYPES if default is None else (type(default),))
+            return cls(default, types_of(annotation), **declaration)
+        return cls(default, PLAIN_TYPES if default is None else (type(default),), **declaration)
+
+
+class Valid:
+    """The annotation of a script setting that declares what values can work: `lr: Valid(min=0) = 6e-4`.
+    type is needed only where the default does not say it (a None default)."""
+
+    def __init__(self, type=None, **declaration):
+        self.type, self.declaration = type, declaration
 
 
 def setting(default, help="", **declaration):

@@ -13,7 +13,11 @@ MoE checkpoint does not (GPT-2 has no experts). No tokenizer is written: token i
 tokenizer the checkpoint names (for GPT-2 BPE, transformers' GPT2TokenizerFast.from_pretrained('gpt2')).
 """
 import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, run_cli

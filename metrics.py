@@ -3,32 +3,43 @@ out_dir/metrics.jsonl: one JSON object per line, written by train.py (MetricsLog
 the tests (read_metrics). Records have a "type" ("train" for a log line, "eval", "skip" for a skipped
 non-finite step) and an "iter"; the README lists their fields.
 """
+import errno
 import json
 import math
 import os
 import sys
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, disk_full_message
 
 
 class MetricsLog:
     """out_dir/metrics.jsonl: one JSON object per log line and per eval, appended and flushed, so it can be
-    read (plotted) while the run goes on."""
+    read (plotted) while the run goes on. mode: 'new' keeps an earlier run's log as metrics.jsonl.1 (.2, ...),
+    'resume' drops the records after the checkpoint's iteration (the resumed run redoes them), 'append'
+    (eval_only) leaves everything there."""
 
-    def __init__(self, path, resume_iter):
-        if resume_iter is not None and os.path.exists(path):
-            # a resumed run redoes the iterations after its checkpoint: drop their old records
+    def __init__(self, path, mode, resume_iter=None):
+        self.path = path
+        if mode == "resume" and os.path.exists(path):
             with open(path) as f:
                 kept = [line.rstrip("\n") + "\n" for line in f if line.strip() and record_iter(line) < resume_iter]
             with atomic_write(path, "w") as f:
                 f.writelines(kept)
-        elif resume_iter is None and os.path.exists(path):
-            os.replace(path, path + ".prev")  # a new run from scratch keeps the old record aside, not mixed in
+        elif mode == "new" and os.path.exists(path):
+            n = 1
+            while os.path.exists(f"{path}.{n}"):
+                n += 1
+            os.replace(path, f"{path}.{n}")  # never mixed into the new run's log, never lost
         self.file = open(path, "a")
 
     def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(disk_full_message(self.path)) from None
+            raise
 
 
 def record_iter(line):

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from common import UserError, compile_supported, pick_device, pick_dtype
 
+BACKENDS = ("auto", "nccl", "gloo")  # 'auto' = nccl on CUDA, gloo otherwise
+
 
 def setup_processes(cfg):
     """Which process this is (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) and what it runs on. The process

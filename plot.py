@@ -4,6 +4,8 @@ Plot training runs from their out_dir/metrics.jsonl (written by train.py), sever
     python plot.py out-shakespeare-char out-shakespeare-moe            # -> runs.png, runs_experts.png
     python plot.py out-a out-b -o compare.png --x tokens               # -> compare.png, compare_experts.png
 
+An image that already exists is replaced only with --force.
+
 Two files come out:
 - runs.png: cross-entropy of every run (thin line: train loss of each logged step; dashed: train loss at
   evals; solid with dots: val loss at evals), and, if any run is an MoE, its balance loss and router z-loss
@@ -26,6 +28,7 @@ def parse_args(argv):
     p.add_argument("-o", "--output", default="runs.png",
                    help="loss curves image (default runs.png); expert load goes to <name>_experts.png")
     p.add_argument("--x", choices=("iter", "tokens"), default="iter", help="x axis: iter (default) or tokens")
+    p.add_argument("--force", action="store_true", help="replace image files that already exist")
     return p.parse_args(argv)
 
 
@@ -130,16 +133,19 @@ def main(argv=None):
     except ImportError:
         raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
     runs = list(zip(run_labels(args.runs), [read_metrics(d) for d in args.runs]))
-    plot_curves(plt, runs, args.x, args.output)
-    print(f"wrote {args.output}")
     moe_runs = []
     for label, recs in runs:
         loads, source = expert_loads(recs)
         if loads:
             moe_runs.append((label, loads, source))
+    stem, ext = os.path.splitext(args.output)
+    experts_path = f"{stem}_experts{ext or '.png'}"
+    existing = [p for p in [args.output] + ([experts_path] if moe_runs else []) if os.path.exists(p)]
+    if existing and not args.force:
+        raise UserError(f"{' and '.join(existing)} already exist(s); choose another -o, or add --force to replace")
+    plot_curves(plt, runs, args.x, args.output)
+    print(f"wrote {args.output}")
     if moe_runs:
-        stem, ext = os.path.splitext(args.output)
-        experts_path = f"{stem}_experts{ext or '.png'}"
         plot_experts(plt, moe_runs, args.x, experts_path)
         print(f"wrote {experts_path}")
 

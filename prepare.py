@@ -13,8 +13,12 @@ leaves the previous good files as they were and no temp files behind.
 """
 import os
 import re
+import signal
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import numpy as np
 import requests

@@ -5,27 +5,31 @@ Generate text from a trained checkpoint (dense or MoE; the checkpoint says which
     python sample.py --out_dir=out-shakespeare-moe --start=FILE:prompt.txt --stream=True
 """
 import os
+import signal
 import sys
 from types import SimpleNamespace
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import Progress, UserError, autocast_context, pick_device, pick_dtype, run_cli
-from configurator import parse_args, script_keys
+from common import DTYPES, MAX_SEED, Progress, UserError, autocast_context, pick_device, pick_dtype, run_cli
+from configurator import Valid, parse_args, script_keys
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
 ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
 start = "\n"  # prompt, or FILE:path to read it from a file
-num_samples = 3
-max_new_tokens = 500
-temperature = 0.8  # < 1 is more conservative, > 1 more random
-top_k: int | None = 200  # sample only from the top_k most likely tokens (None = all)
-seed = 1337
+num_samples: Valid(min=1) = 3
+max_new_tokens: Valid(min=1) = 500
+temperature: Valid(above=0) = 0.8  # < 1 is more conservative, > 1 more random
+top_k: Valid(int | None, min=1) = 200  # sample only from the top_k most likely tokens (None = all)
+seed: Valid(min=0, max=MAX_SEED) = 1337
 device = "auto"
-dtype = "auto"
+dtype: Valid(choices=DTYPES) = "auto"
 stream = False  # print tokens as they are generated (one sample at a time)
 # -----------------------------------------------------------------------------
 KEYS = script_keys(globals())
@@ -35,18 +39,9 @@ def main():
     cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:]))
     dev = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, dev)
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
-        raise UserError("num_samples and max_new_tokens must be at least 1")
-    if cfg.temperature <= 0:
-        raise UserError(f"temperature must be > 0, got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise UserError(f"top_k must be at least 1 (or None for all tokens), got {cfg.top_k}")
 
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt), needs=("tokenizer",))
     model = model_from_checkpoint(ckpt)
-    if "tokenizer" not in ckpt:
-        raise UserError(f"{cfg.out_dir}/{cfg.ckpt} holds no tokenizer (it was saved by an older nanoMoE); "
-                        f"train it again, or resume it for one step with a current train.py to add it")
     tok = Tokenizer.from_meta(ckpt["tokenizer"])  # the tokenizer the run was trained with, kept in the checkpoint
     del ckpt
 

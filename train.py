@@ -14,35 +14,39 @@ the log shows each part (`loss` is always the cross-entropy).
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batches import TokenData
-from checkpoint import (link_checkpoint, load_checkpoint, model_from_checkpoint, model_state, rng_state,
+from checkpoint import (TO_RESUME, link_checkpoint, load_checkpoint, model_from_checkpoint, model_state, rng_state,
                         save_checkpoint, set_rng_state)
-from common import UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
-from configurator import parse_args, script_keys
+from common import DTYPES, MAX_SEED, UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
+from configurator import Valid, parse_args, script_keys
 from hf_gpt2 import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
-from parallel import any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
+from parallel import BACKENDS, any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
 # I/O
 out_dir = "out"
-eval_interval = 2000  # evaluate train/val loss (and save a checkpoint) every this many iterations
-log_interval = 1
-eval_iters = 200  # batches per split in each evaluation
+eval_interval: Valid(min=1) = 2000  # evaluate train/val loss (and save a checkpoint) every this many iterations
+log_interval: Valid(min=1) = 1
+eval_iters: Valid(min=1) = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
-save_interval = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
+save_interval: Valid(min=0) = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (GPT-2 weights)
 # logging
 wandb_log = False
@@ -51,29 +55,29 @@ wandb_run_name = "run"
 # data
 dataset = "openwebtext"
 data_root = "data"  # datasets live in data_root/<dataset>/ as written by prepare.py
-gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, over all processes together
-batch_size = 12  # sequences per micro-step per process
+gradient_accumulation_steps: Valid(min=1) = 5 * 8  # micro-steps per optimizer step, over all processes together
+batch_size: Valid(min=1) = 12  # sequences per micro-step per process
 # model: every field of GPTConfig (model.py) and MoEConfig (moe_model.py) is a config key too
 # adamw optimizer
-learning_rate = 6e-4
-max_iters = 600000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0  # clip gradients at this norm (0 = off)
+learning_rate: Valid(min=0) = 6e-4
+max_iters: Valid(min=0) = 600000
+weight_decay: Valid(min=0) = 1e-1
+beta1: Valid(min=0, below=1) = 0.9
+beta2: Valid(min=0, below=1) = 0.95
+grad_clip: Valid(min=0) = 1.0  # clip gradients at this norm (0 = off)
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
-warmup_iters = 2000
-lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
-min_lr = 6e-5  # should be ~= learning_rate/10 per Chinchilla
+warmup_iters: Valid(min=0) = 2000
+lr_decay_iters: Valid(min=0) = 600000  # should be ~= max_iters per Chinchilla
+min_lr: Valid(min=0) = 6e-5  # should be ~= learning_rate/10 per Chinchilla
 # system
-backend = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+backend: Valid(choices=BACKENDS) = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
 device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
+dtype: Valid(choices=DTYPES) = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
 compile = True  # torch.compile the model (turned off where it does not work: CPU, MPS)
-seed = 1337
-peak_flops: float | None = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
-max_nonfinite_steps = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
+seed: Valid(min=0, max=MAX_SEED) = 1337
+peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
+max_nonfinite_steps: Valid(min=1) = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
 # -----------------------------------------------------------------------------
 RUN_KEYS = script_keys(globals())  # the settings of the run; the model's come from its config classes
 KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides vocab_size
@@ -85,7 +89,11 @@ def main():
     check_run(cfg, proc)
     join(proc, cfg.backend)
     data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
+    if ckpt:
+        check_same_data(ckpt, data, proc.master)
     raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
+    ctx = autocast_context(proc.device, proc.dtype)
+    preflight(raw_model, data, cfg, proc, ctx)
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
 
     torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
@@ -99,16 +107,15 @@ def main():
     model = torch.compile(raw_model) if proc.compile else raw_model
     if proc.ddp:
         model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
-    ctx = autocast_context(proc.device, proc.dtype)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if proc.master:
         describe_run(raw_model, cfg, proc, tokens_per_iter)
-    metrics = start_out_dir(cfg, iter_num if cfg.init_from == "resume" else None) if proc.master else None
+    metrics = start_out_dir(cfg, iter_num) if proc.master else None
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
                           metrics=metrics, wandb=wandb,
-                          ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                          tokenizer={k: data.meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in data.meta})
+                          ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), tokenizer=data.tokenizer_meta(),
+                          data_fingerprint=data.fingerprint())
 
     if cfg.eval_only:
         evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
@@ -209,7 +216,7 @@ def load_config(argv):
     cfg = SimpleNamespace(**parse_args(KEYS, argv, explicit))
     ckpt = None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), needs=TO_RESUME)
         for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
             if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
                 setattr(cfg, k, v)
@@ -218,10 +225,9 @@ def load_config(argv):
 
 def check_run(cfg, proc):
     """Everything that can be checked before anything is written or any process group is joined."""
-    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_iters", "log_interval",
-                 "eval_interval"):
-        if getattr(cfg, name) < (0 if name == "max_iters" else 1):
-            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the schedule decays to "
+                        f"min_lr, so set --min_lr to at most the learning rate (nanoGPT uses learning_rate / 10)")
     if cfg.gradient_accumulation_steps % proc.world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
                         f"world size {proc.world_size} (use a multiple of {proc.world_size})")
@@ -278,6 +284,39 @@ def make_model(cfg, explicit, ckpt, data):
     return model
 
 
+def check_same_data(ckpt, data, master):
+    """A resumed run trains on the data its checkpoint was trained on: another tokenizer is refused (the token
+    ids would mean other things); other changes to the files are worth a note (the batches will differ)."""
+    saved, now = ckpt["tokenizer"], data.tokenizer_meta()
+    if saved != now:
+        raise UserError(f"the checkpoint was trained with the {describe_tokenizer(saved)} tokenizer, but dataset "
+                        f"{data.dir} has the {describe_tokenizer(now)} one; resume on the checkpoint's dataset "
+                        f"(--dataset, --data_root), or start a new run")
+    if master and ckpt.get("data") not in (None, data.fingerprint()):
+        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
+              f"training goes on with the new ones")
+
+
+def describe_tokenizer(meta):
+    return f"{meta['vocab_size']}-character" if meta.get("tokenizer") == "char" else str(meta.get("tokenizer"))
+
+
+@torch.no_grad()
+def preflight(model, data, cfg, proc, ctx):
+    """One forward pass of one sequence before anything is written: settings that are each legal can still
+    make a model that computes NaN/Inf (rope_theta=1e-300, a float16 overflow); better one line now than a
+    run of skipped steps. Eval mode and a generator of its own: no random state of the run moves."""
+    x, y = data.get_batch("val", 1, torch.Generator().manual_seed(cfg.seed), proc.device)
+    model.eval()
+    with ctx:
+        _, loss, _ = model(x, y)
+    model.train()
+    if not torch.isfinite(loss):
+        raise UserError(f"the model computes a non-finite loss ({loss.item()}) on its first batch, before any "
+                        f"training: some setting is extreme (rope_theta, dtype, the model's size); change it and "
+                        f"run again (nothing was written)")
+
+
 def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
@@ -312,13 +351,40 @@ def describe_run(model, cfg, proc, tokens_per_iter):
                   f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 
 
-def start_out_dir(cfg, resume_iter):
-    """Create out_dir (rank 0), remove temporary files of saves a kill cut short, open metrics.jsonl."""
+def start_out_dir(cfg, iter_num):
+    """Create out_dir (rank 0), take its lock, remove temporary files of saves a kill cut short, open
+    metrics.jsonl."""
     os.makedirs(cfg.out_dir, exist_ok=True)
+    lock_out_dir(cfg.out_dir)
     for name in os.listdir(cfg.out_dir):
         if name.startswith(".tmp-"):
             os.remove(os.path.join(cfg.out_dir, name))
-    return MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_iter)
+    mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
+    return MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
+    The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs there are not guarded
+        return
+    global _lock_file  # held open (and so locked) until the process exits
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"out_dir '{out_dir}' is in use by another train.py ({holder}); wait for it to end, or "
+                        f"choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _lock_file = f
 
 
 def start_wandb(cfg):
@@ -328,8 +394,8 @@ def start_wandb(cfg):
 
 
 def install_stop_handlers(master):
-    """Ctrl-C / SIGTERM: finish the current step, save, exit 0; a second signal exits at once. Returns the
-    list the handler appends to (non-empty = stop asked for)."""
+    """Ctrl-C, SIGTERM, SIGHUP (a closed terminal or ssh session): finish the current step, save, exit 0; a
+    second signal exits at once. Returns the list the handler appends to (non-empty = stop asked for)."""
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -339,8 +405,9 @@ def install_stop_handlers(master):
         if master:
             print(f"\n{signal.Signals(signum).name} received: stopping after this step (again to quit now)",
                   flush=True)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, on_signal)
     return stop_requested
 
 
@@ -468,7 +535,8 @@ def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, i
         print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
         return
     model_keys_ = set(model_keys())
-    ckpt = {**model_state(run.raw_model), "tokenizer": run.tokenizer, "optimizer": optimizer.state_dict(),
+    ckpt = {**model_state(run.raw_model), "tokenizer": run.tokenizer, "data": run.data_fingerprint,
+            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
             "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
     t0 = time.time()

@@ -6,6 +6,7 @@ tests check exit codes, the one-line errors, the files left on disk and the trai
 Every subprocess runs with one thread (OMP_NUM_THREADS=1): matmul results then do not depend on how many
 cores are free, and the two cores of a small machine can run two tests' processes side by side.
 """
+import errno
 import io
 import json
 import os
@@ -19,7 +20,9 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import conftest
+import metrics
 import model as model_module
 import train
 from common import UserError
@@ -150,10 +153,11 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, m
         raise crash
 
     monkeypatch.setattr(torch, "save", half_save)
-    with pytest.raises(type(crash)):
+    expected = UserError if isinstance(crash, OSError) else type(crash)  # a full disk is a message
+    with pytest.raises(expected):
         checkpoint.save_checkpoint(small_checkpoint(2.0), path)
     (tmp_path / "first").mkdir()
-    with pytest.raises(type(crash)):
+    with pytest.raises(expected):
         checkpoint.save_checkpoint(small_checkpoint(2.0), tmp_path / "first" / "ckpt.pt")
     monkeypatch.undo()
 
@@ -205,10 +209,26 @@ def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(s
 
 # ----------------------------------------------------------------------------- non-finite losses
 
+def train_in_process(args, monkeypatch, capsys):
+    """train.main() in this process (so a test can patch what it calls), as `python train.py args` would
+    run it: -> (exit code, stdout + stderr). The signal handlers it installs are put back afterwards."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    code = 0
+    try:
+        common.run_cli(train.main)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
-    """train.main() in this process, with the training loss made NaN at the iterations in nan_iters (the
-    forward pass reads the iteration from get_lr, which the loop calls once per iteration first).
-    -> (exit code, stdout + stderr)."""
+    """train_in_process with the training loss made NaN at the iterations in nan_iters (the forward pass
+    reads the iteration from get_lr, which the loop calls once per iteration first)."""
     it = [None]
     real_get_lr, real_forward = train.get_lr, model_module.GPT.forward
 
@@ -224,18 +244,7 @@ def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
 
     monkeypatch.setattr(train, "get_lr", get_lr)
     monkeypatch.setattr(model_module.GPT, "forward", forward)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    code = 0
-    try:
-        train.main()
-    except SystemExit as e:
-        code = e.code
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return train_in_process(args, monkeypatch, capsys)
 
 
 def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(shakespeare_data, tmp_path, monkeypatch, capsys):
@@ -261,6 +270,104 @@ def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(shakespeare_dat
     ckpt = checkpoint.load_checkpoint(tmp_path / "twice" / "ckpt.pt")  # the last good checkpoint
     assert ckpt["iter_num"] == 4  # saved after the skipped iteration 3, not after 4
     assert_finite(ckpt)
+
+
+# ----------------------------------------------------------------------------- one run per out_dir, faults
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_sighup_saves(shakespeare_data, tmp_path):
+    """Two train.py on one out_dir: the second is refused with one line naming the first, and writes
+    nothing; SIGHUP (a closed terminal) stops the first like SIGTERM, saving; then the out_dir is free."""
+    out = tmp_path / "out"
+    first = start(["train.py", *train_args(shakespeare_data, out, "--max_iters=100000", "--eval_interval=100000")],
+                  cwd=tmp_path)
+    read_lines_until(first, "iter 1/")
+    second = run(["train.py", *train_args(shakespeare_data, out, "--eval_only=True")], cwd=tmp_path, check=False)
+    assert_user_error(second, "in use by another train.py", f"pid {first.pid}")
+    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"]  # the second run wrote nothing
+    assert [r["type"] for r in read_metrics(out)].count("eval") == 1  # the first run's own iter-0 eval
+    first.send_signal(signal.SIGHUP)
+    rest, _ = first.communicate(timeout=60)
+    assert first.returncode == 0 and "SIGHUP received" in rest and "saved checkpoint" in rest, rest
+    stopped_at = checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"]
+    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", f"--max_iters={stopped_at + 1}")],
+        cwd=tmp_path)
+
+
+def test_a_closed_stdout_pipe_does_not_stop_the_run(shakespeare_data, tmp_path):
+    """`train.py | head -1`: the reader goes away after one line; the run goes on and saves."""
+    out = tmp_path / "out"
+    p = start(["train.py", *train_args(shakespeare_data, out, "--max_iters=30", "--eval_interval=30")], cwd=tmp_path)
+    p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 30
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see when torch is being loaded")
+def test_ctrl_c_while_starting_exits_quietly(tmp_path):
+    p = start(["train.py", "--device=cpu"], cwd=tmp_path)
+    maps = f"/proc/{p.pid}/maps"
+    while p.poll() is None and "torch" not in open(maps).read():  # wait until `import torch` is under way
+        pass
+    p.send_signal(signal.SIGINT)
+    output, _ = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in output, output
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(shakespeare_data, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "out"
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    code, output = train_in_process(train_args(shakespeare_data, out, "--max_iters=6", "--save_interval=2",
+                                               "--eval_interval=100"), monkeypatch, capsys)
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "disk is full" in errors[0] and str(out / "ckpt.pt") in errors[0], output
+    assert "Traceback" not in output
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 2  # the save before the full disk
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+
+def test_metrics_write_on_a_full_disk_says_so(tmp_path):
+    log = metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), "new")
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.file = FullDisk()
+    with pytest.raises(UserError, match="disk is full"):
+        log.write({"iter": 1})
+
+
+def test_metrics_logs_of_earlier_runs_are_kept_and_eval_only_changes_none(trained, shakespeare_data, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    records = read_metrics(out)
+    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", "--eval_only=True")], cwd=tmp_path)
+    after = read_metrics(out)
+    assert after[:len(records)] == records and [r["type"] for r in after[len(records):]] == ["eval"]
+    assert not (out / "metrics.jsonl.1").exists()
+
+    fresh = tmp_path / "fresh"  # an out_dir with logs of runs that never saved a checkpoint
+    fresh.mkdir()
+    for n in range(2):
+        (fresh / "metrics.jsonl").write_text(f'{{"type": "train", "iter": {n}}}\n')
+        run(["train.py", *train_args(shakespeare_data, fresh, "--max_iters=1", "--eval_interval=100",
+                                     "--always_save_checkpoint=False")], cwd=tmp_path)
+        (fresh / "ckpt.pt").unlink(missing_ok=True)
+        (fresh / "best.pt").unlink(missing_ok=True)
+    assert (fresh / "metrics.jsonl.1").read_text() == '{"type": "train", "iter": 0}\n'
+    assert (fresh / "metrics.jsonl.2").read_text() == '{"type": "train", "iter": 1}\n'
 
 
 # ----------------------------------------------------------------------------- hostile checkpoints
@@ -353,11 +460,29 @@ def _append_byte(path):
     return lambda case: (case / path).write_bytes((case / path).read_bytes() + b"\0")
 
 
-def _drop_tokenizer(case):
-    """A checkpoint as an older nanoMoE saved it: without its tokenizer."""
-    ckpt = torch.load(case / "out" / "ckpt.pt", weights_only=True)
-    del ckpt["tokenizer"]
-    torch.save(ckpt, case / "out" / "ckpt.pt")
+def _edit_checkpoint(edit):
+    def setup(case):
+        ckpt = torch.load(case / "out" / "ckpt.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, case / "out" / "ckpt.pt")
+    return setup
+
+
+def _drop_entry(name):
+    """A checkpoint as an older nanoMoE saved it, or a damaged one: without one of its entries."""
+    return _edit_checkpoint(lambda ckpt: ckpt.pop(name))
+
+
+_drop_tokenizer = _drop_entry("tokenizer")
+_add_model_setting = _edit_checkpoint(lambda ckpt: ckpt["model_args"].update(warp_factor=9))
+
+
+def _other_dataset(case):
+    """data/other: a char dataset with another character set than the checkpoint's."""
+    import prepare
+    (case / "other.txt").write_text("abc abc cab\n" * 2000, encoding="utf-8")
+    prepare.main(["text", "--input", str(case / "other.txt"), "--name", "other", "--tokenizer", "char",
+                  "--data_root", str(case / "data")])
 
 
 def _remove(*paths):
@@ -378,9 +503,36 @@ BAD_INPUTS = [
     ("bad-device", "train.py", ["--device=tpu"], None, ["unknown device 'tpu'"]),
     ("init_from-typo", "train.py", ["--init_from=resum"], None, ["init_from='resum'"]),
     ("grad-accum-zero", "train.py", ["--gradient_accumulation_steps=0"], None,
-     ["gradient_accumulation_steps must be positive"]),
+     ["gradient_accumulation_steps=0", "must be >= 1"]),
     ("grad-accum-negative", "train.py", ["--gradient_accumulation_steps=-2"], None,
-     ["gradient_accumulation_steps must be positive"]),
+     ["gradient_accumulation_steps=-2", "must be >= 1"]),
+    # values torch would take silently but that cannot work: each refused by its declared range
+    ("min_lr-negative", "train.py", ["--min_lr=-1"], None, ["min_lr=-1.0", "must be >= 0", "--min_lr"]),
+    ("min_lr-above-learning_rate", "train.py", ["--min_lr=0.1", "--learning_rate=0.01"], None,
+     ["min_lr=0.1 is above learning_rate=0.01"]),
+    ("learning_rate-negative", "train.py", ["--learning_rate=-3e-4"], None, ["learning_rate=-0.0003", ">= 0"]),
+    ("beta2-one", "train.py", ["--beta2=1.0"], None, ["beta2=1.0", "< 1"]),
+    ("dropout-one", "train.py", ["--dropout=1.0"], None, ["dropout=1.0", "< 1"]),
+    ("weight_decay-negative", "train.py", ["--weight_decay=-0.1"], None, ["weight_decay=-0.1", ">= 0"]),
+    ("grad_clip-negative", "train.py", ["--grad_clip=-1"], None, ["grad_clip=-1.0", ">= 0"]),
+    ("n_head-zero", "train.py", ["--n_head=0"], None, ["n_head=0", ">= 1"]),
+    ("n_kv_head-word", "train.py", ["--n_kv_head=abc"], None, ["'n_kv_head'", "expects int or None"]),
+    ("peak_flops-word", "train.py", ["--peak_flops=fast"], None, ["'peak_flops'", "expects float or None"]),
+    ("seed-negative", "train.py", ["--seed=-1"], None, ["seed=-1", ">= 0"]),
+    ("backend-unknown", "train.py", ["--backend=mpi"], None, ["backend='mpi'", "'gloo'"]),
+    ("device-index-on-cpu", "train.py", ["--device=cpu:1"], None, ["unknown device 'cpu:1'"]),
+    ("max_nonfinite_steps-zero", "train.py", ["--max_nonfinite_steps=0"], None, ["max_nonfinite_steps=0"]),
+    ("legal-values-non-finite-model", "train.py", ["--pos_emb=rope", "--rope_theta=1e-300"], None,
+     ["non-finite loss", "rope_theta", "nothing was written"]),
+    ("resume-dense-with-experts", "train.py", ["--init_from=resume", "--n_experts=4"], None,
+     ["another model shape", "n_experts: config 4 vs checkpoint 0"]),
+    ("resume-checkpoint-without-optimizer", "train.py", ["--init_from=resume"], _drop_entry("optimizer"),
+     ["ckpt.pt lacks optimizer"]),
+    ("resume-on-another-tokenizer", "train.py", ["--init_from=resume", "--dataset=other"], _other_dataset,
+     ["trained with the", "-character tokenizer", "other"]),
+    ("sample-unknown-model-setting", "sample.py", [], _add_model_setting, ["does not know (warp_factor)"]),
+    ("sample-num_samples-zero", "sample.py", ["--num_samples=0"], None, ["num_samples=0", ">= 1"]),
+    ("sample-top_k-zero", "sample.py", ["--top_k=0"], None, ["top_k=0", ">= 1"]),
     # training never downloads: a missing dataset names the prepare.py command, even for shakespeare_char
     ("dataset-missing", "train.py", ["--data_root={case}/nodata"], None,
      ["not found", "python prepare.py shakespeare_char --data_root"]),
@@ -419,8 +571,8 @@ BAD_INPUTS = [
     ("sample-no-checkpoint", "sample.py", ["--out_dir={case}/empty"], None, ["no checkpoint at", "empty"]),
     ("sample-corrupt-checkpoint", "sample.py", [], _damage("out/ckpt.pt"), ["corrupt", "CRC"]),
     ("n_experts-negative", "train.py", ["--n_experts=-1"], None, ["n_experts=-1", "must be >= 0"]),
-    ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["holds no tokenizer", "train it again"]),
-    ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature must be > 0"]),
+    ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["lacks tokenizer", "train it again"]),
+    ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature=0.0", "must be > 0"]),
 ]
 
 
