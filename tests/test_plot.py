@@ -104,3 +104,15 @@ def test_missing_matplotlib_names_the_install(runs, tmp_path):
     r = run(["plot.py", runs[0], "-o", tmp_path / "x.png"], cwd=tmp_path, env={"PYTHONPATH": str(fake.parent)},
             check=False)
     assert_user_error(r, "plot.py needs matplotlib: pip install matplotlib")
+
+
+@needs_matplotlib
+def test_an_existing_image_is_replaced_only_with_force(runs, tmp_path, capsys):
+    (tmp_path / "mine.png").write_bytes(b"someone's picture")
+    code, _, err = plot_cli([runs[1], "-o", tmp_path / "mine.png"], capsys)
+    assert code == 2 and err.startswith("error: ") and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "mine.png").read_bytes() == b"someone's picture"
+    assert not (tmp_path / "mine_experts.png").exists()
+    code, _, _ = plot_cli([runs[1], "-o", tmp_path / "mine.png", "--force"], capsys)
+    assert code == 0
+    assert_png(tmp_path / "mine.png")
