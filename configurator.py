@@ -42,6 +42,11 @@ class Key:
     below: float = None
     choices: tuple = None
 
+    def rule(self):
+        """The declared range, as people write it: '>= 0 and < 1'."""
+        bounds = ((self.min, ">="), (self.max, "<="), (self.above, ">"), (self.below, "<"))
+        return " and ".join(f"{op} {b}" for b, op in bounds if b is not None)
+
     @classmethod
     def of_default(cls, default, annotation=None):
         """A key typed by its annotation (a type or a Valid), else by its default (a None default without one
@@ -80,10 +85,11 @@ def dataclass_keys(config_cls, skip=()):
 
 
 def script_keys(namespace):
-    """{name: Key} for a script's module-level settings (plain values not starting with '_')."""
+    """{name: Key} for a script's module-level settings: plain values with lowercase names not starting with
+    '_' (CONSTANTS and _private names are not settings)."""
     annotations = namespace.get("__annotations__", {})
     return {k: Key.of_default(v, annotations.get(k)) for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+            if not k.startswith("_") and k.islower() and isinstance(v, PLAIN_TYPES)}
 
 
 def check_value(key, value, spec, where=None):
@@ -99,15 +105,11 @@ def check_value(key, value, spec, where=None):
         return value
     if spec.choices is not None and value not in spec.choices:
         raise UserError(f"{key}={value!r}{at} is not one of {', '.join(map(repr, spec.choices))}")
-    bounds = [(spec.min, value >= spec.min if spec.min is not None else True, ">="),
-              (spec.max, value <= spec.max if spec.max is not None else True, "<="),
-              (spec.above, value > spec.above if spec.above is not None else True, ">"),
-              (spec.below, value < spec.below if spec.below is not None else True, "<")]
-    for bound, ok, op in bounds:
-        if not ok:
-            rule = " and ".join(f"{o} {b}" for b, _, o in bounds if b is not None)
-            raise UserError(f"{key}={value!r}{at} is out of range: it must be {rule}"
-                            + (f" ({spec.help})" if spec.help else "") + f"; set --{key} to such a value")
+    ok = [spec.min is None or value >= spec.min, spec.max is None or value <= spec.max,
+          spec.above is None or value > spec.above, spec.below is None or value < spec.below]
+    if not all(ok):
+        raise UserError(f"{key}={value!r}{at} is out of range: it must be {spec.rule()}"
+                        + (f" ({spec.help})" if spec.help else "") + f"; set --{key} to such a value")
     return value
 
 
@@ -180,7 +182,8 @@ def print_help(keys):
     print(f"{doc}\n\nusage: python {script} [config.py ...] [--key=value ...]\nconfig keys and defaults "
           "(the README's table says what each means):")
     for key, spec in keys.items():
-        print(f"  --{key}={spec.default!r}" + (f"  # {spec.help}" if spec.help else ""))
+        valid = spec.rule() or (" | ".join(map(repr, spec.choices)) if spec.choices else "")
+        print(f"  --{key}={spec.default!r}" + (f"  [{valid}]" if valid else "") + (f"  # {spec.help}" if spec.help else ""))
     sys.exit(0)
 
 
