@@ -11,6 +11,7 @@ for a char tokenizer that is the same cut as splitting the text on characters, l
 Every output is written with common.atomic_write (a temp name, then a rename at the end), so a failed run
 leaves the previous good files as they were and no temp files behind.
 """
+import json
 import os
 import re
 import signal
@@ -41,6 +42,7 @@ def parse_args(argv):
     p.add_argument("--url", default=SHAKESPEARE_URL, help="shakespeare*: where to download input.txt from")
     p.add_argument("--retries", type=int, default=3, help="download retries after the first try (default 3)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a download may stall (default 30)")
+    p.add_argument("--force", action="store_true", help="replace a different dataset already in the output folder")
     p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
@@ -263,6 +265,20 @@ def write_outputs(out_dir, train_ids, val_ids, meta):
         raise UserError(f"could not write to {out_dir} ({e})")
 
 
+def is_different_dataset(out_dir, train_ids, val_ids, meta):
+    """Whether out_dir holds dataset files that are not exactly the ones about to be written."""
+    paths = [os.path.join(out_dir, f) for f in ("meta.json", "train.bin", "val.bin")]
+    if not any(os.path.exists(p) for p in paths):
+        return False
+    try:
+        with open(paths[0], encoding="utf-8") as f:
+            same_meta = json.load(f) == meta
+        return not (same_meta and all(np.array_equal(np.fromfile(p, dtype=ids.dtype), ids)
+                                      for p, ids in zip(paths[1:], (train_ids, val_ids))))
+    except (OSError, ValueError):
+        return True  # damaged or partial: different
+
+
 def build_tokenizer(kind, docs):
     if kind == "gpt2":
         return Tokenizer("gpt2")
@@ -302,6 +318,9 @@ def main(argv=None):
 
     meta = tok.meta()
     meta.update(train_tokens=len(train_ids), val_tokens=len(val_ids), source=source)
+    if is_different_dataset(out_dir, train_ids, val_ids, meta) and not args.force:
+        raise UserError(f"{out_dir} already holds a different dataset; add --force to replace it (runs trained "
+                        f"on the old one will refuse to resume on a new tokenizer), or choose another --name")
     write_outputs(out_dir, train_ids, val_ids, meta)
     print(f"{name}: {kind} tokenizer, vocab {tok.vocab_size:,}, train {len(train_ids):,} tokens, "
           f"val {len(val_ids):,} tokens ({meta['dtype']}) -> {out_dir}")

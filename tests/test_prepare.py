@@ -223,15 +223,27 @@ def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     r = run(["prepare.py", "text", "--input", "nowhere/notes.txt", "--name", "notes"], tmp_path, check=False)
     assert_user_error(r, "nowhere/notes.txt")
     assert digest(out) == before
-    # the disk fills up while the new files are written: the old ones stay, no temp file is left behind
+    # the same text again changes nothing and needs no --force
+    prepare_here("text", "--input", "notes.txt")
+    assert digest(out) == before
+    # another text is refused without --force, the old dataset untouched
     (tmp_path / "notes.txt").write_text("a different text entirely\n" * 5)
+    r = run(["prepare.py", "text", "--input", "notes.txt"], tmp_path, check=False)
+    assert_user_error(r, "already holds a different dataset", "--force")
+    assert digest(out) == before
+    # the disk fills up while the new files are written: the old ones stay, no temp file is left behind
+    real_fsync = os.fsync
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(UserError, match="could not write to data/notes.*No space left"):
-        prepare_here("text", "--input", "notes.txt")
+    with pytest.raises(UserError, match="disk is full.*data/notes"):
+        prepare_here("text", "--input", "notes.txt", "--force")
     assert digest(out) == before
+    # with --force and room on the disk, the new dataset replaces the old one, nothing else left beside it
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    prepare_here("text", "--input", "notes.txt", "--force")
+    assert digest(out) != before and set(digest(out)) == {"meta.json", "train.bin", "val.bin"}
 
 
 # -----------------------------------------------------------------------------
