@@ -28,7 +28,7 @@ from checkpoint import (link_checkpoint, load_checkpoint, model_from_checkpoint,
                         save_checkpoint, set_rng_state)
 from common import UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
 from configurator import parse_args, script_keys
-from hf_gpt2 import is_hf_init, model_for_training
+from hf_interop import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
 from parallel import any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
@@ -43,7 +43,7 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 save_interval = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
-init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (GPT-2 weights)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (Hugging Face weights)
 # logging
 wandb_log = False
 wandb_project = "nanomoe"
