@@ -31,8 +31,8 @@ force = False  # replace the files of an earlier export in a non-empty hf_dir
 KEYS = script_keys(globals())
 
 
-def main():
-    cfg = parse_args(KEYS, sys.argv[1:])
+def main(argv=None):
+    cfg = parse_args(KEYS, sys.argv[1:] if argv is None else argv)
     if cfg["format"] is not None and cfg["format"] not in FORMATS:
         raise UserError(f"unknown --format={cfg['format']!r}: export.py writes {', '.join(FORMATS)}")
     path = os.path.join(cfg["out_dir"], cfg["ckpt"])

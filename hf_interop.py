@@ -89,19 +89,22 @@ def load_hf(name_or_path, settings=None):
         return load_gpt2(source, dropout=settings.get("dropout", 0.0))
     if model_type not in FORMATS:
         raise UserError(f"'{source}' holds a {model_type!r} model; init_from reads {', '.join(FORMATS)}")
+    import torch
+
     import hf_llama
     from model import build_model, model_keys
 
     transformers = transformers_module()
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+        # float32, as GPT-2's weights load: training keeps float32 weights and casts under autocast
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except Exception as e:  # OSError for missing files, ValueError for bad configs, ...
         raise UserError(f"cannot load '{source}': {type(e).__name__}: {first_line(e)}") from None
     args = hf_llama.model_args_from_hf(hf.config, source)
     keys = model_keys()
     args.update({k: v for k, v in settings.items() if k in keys and keys[k].runtime and k != "moe_renorm"})
     sd = hf_llama.from_hf_state(dict(hf.state_dict()), args, source)
-    model = build_model(args).to(hf.dtype)
+    model = build_model(args)
     model.load_state_dict(sd)
     return model
 
@@ -122,7 +125,11 @@ def model_for_training(cfg, explicit=()):
     check_same_model(arch, cfg, set(explicit) | {"block_size"}, "checkpoint", crop=True)
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
-    if cfg.get("n_experts", 0) <= 0 or isinstance(model, MoEGPT):
+    if isinstance(model, MoEGPT):
+        if "moe_renorm" in explicit:  # a runtime setting, but the format's value is what the weights learned
+            model.config.moe_renorm = cfg["moe_renorm"]
+        return model
+    if cfg.get("n_experts", 0) <= 0:
         return model
     moe_keys = [f.name for f in fields(MoEConfig) if f.name not in arch]
     return MoEGPT.from_dense(model, MoEConfig(**asdict(model.config), **{k: cfg[k] for k in moe_keys}))

@@ -13,8 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
                                                           "(pip install transformers)")
 
-from common import UserError  # noqa: E402
-from conftest import assert_ok, assert_user_error, run  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
+import hf_llama  # noqa: E402
 from hf_interop import export_checkpoint, load_hf, model_for_training, pick_format  # noqa: E402
 from model import GPT, GPTConfig, build_model  # noqa: E402
 from moe_model import MoE, MoEConfig  # noqa: E402
@@ -112,25 +112,25 @@ def test_export_in_bfloat16_is_close(name, idx, tmp_path):
     assert (logits(hf, idx) - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_moe_block_equals_transformers_blocks(idx):
-    """Our MoE block and transformers' Mixtral / Qwen2-MoE blocks, same weights: same output, top-1 and top-2."""
-    for name, block_class in (("mixtral-top1", "MixtralSparseMoeBlock"), ("mixtral-top2", "MixtralSparseMoeBlock"),
-                              ("qwen2_moe-top2", "Qwen2MoeSparseMoeBlock"), ("qwen2_moe-top1", "Qwen2MoeSparseMoeBlock")):
-        model = our_model(FAMILIES[name])
-        ours = model.moe_layers()[0]
-        import hf_llama
-        family, kwargs = hf_llama.hf_config(asdict(model.config))
-        module = getattr(transformers.models, family)
-        config = getattr(transformers, {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig"}[family])(**kwargs)
-        theirs = getattr(getattr(module, f"modeling_{family}"), block_class)(config).eval()
-        layer = next(i for i, b in enumerate(model.transformer.h) if isinstance(b.mlp, MoE))
-        prefix = f"model.layers.{layer}.mlp."
-        hf_sd = {k[len(prefix):]: v for k, v in hf_llama.to_hf_state(model.state_dict(), asdict(model.config)).items()
-                 if k.startswith(prefix)}
-        theirs.load_state_dict(hf_sd)
-        x = torch.randn(2, 24, model.config.n_embd, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-6)
+BLOCKS = {"mixtral": ("MixtralConfig", "modeling_mixtral", "MixtralSparseMoeBlock"),
+          "qwen2_moe": ("Qwen2MoeConfig", "modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock")}
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n.split("-")[0] in BLOCKS])
+def test_moe_block_equals_the_transformers_block(name):
+    """Our MoE block and transformers' Mixtral / Qwen2-MoE block with the same weights: the same output."""
+    model = our_model(FAMILIES[name])
+    family, kwargs = hf_llama.hf_config(asdict(model.config))
+    config_class, module, block_class = BLOCKS[family]
+    theirs = getattr(getattr(getattr(transformers.models, family), module), block_class)(
+        getattr(transformers, config_class)(**kwargs)).eval()
+    layer = next(i for i, b in enumerate(model.transformer.h) if isinstance(b.mlp, MoE))
+    prefix = f"model.layers.{layer}.mlp."
+    hf_sd = hf_llama.to_hf_state(model.state_dict(), asdict(model.config))
+    theirs.load_state_dict({k[len(prefix):]: v for k, v in hf_sd.items() if k.startswith(prefix)})
+    x = torch.randn(2, 24, model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model.transformer.h[layer].mlp(x), rtol=1e-5, atol=1e-6)
 
 
 # ---- random Hugging Face model -> ours
@@ -189,6 +189,19 @@ def test_upcycling_a_llama_keeps_its_logits(idx, tmp_path):
     dense = load_hf(f"hf:{tmp_path / 'llama'}").eval()
     assert (type(moe).__name__, moe.config.block_size, moe.config.mlp) == ("MoEGPT", 32, "swiglu")
     torch.testing.assert_close(logits(moe, idx), logits(dense, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_train_init_from_an_moe_folder_keeps_its_experts(tmp_path):
+    random_hf("mixtral", tmp_path / "mixtral")
+    from train import KEYS
+    cfg = {**{k: key.default for k, key in KEYS.items()}, "init_from": f"hf:{tmp_path / 'mixtral'}",
+           "block_size": 32, "moe_impl": "grouped"}
+    model = model_for_training(cfg)  # n_experts=0 in the run's defaults: the folder's 4 experts stay
+    c = model.config
+    assert (type(model).__name__, c.n_experts, c.moe_top_k, c.expert_hidden, c.moe_impl) == ("MoEGPT", 4, 2, 48,
+                                                                                           "grouped")
+    with pytest.raises(UserError, match="n_experts: config 8 vs checkpoint 4"):
+        model_for_training({**cfg, "n_experts": 8}, explicit={"n_experts"})
 
 
 @pytest.mark.parametrize("change, words", [
@@ -273,19 +286,34 @@ def test_export_shards_and_force_leaves_no_stale_files(tmp_path):
     assert tok.decode([CHARS.index(c) for c in text]) == text
 
 
-@pytest.mark.slow
-def test_export_cli(tmp_path):
-    """export.py end to end: a Qwen2-MoE from a checkpoint file, a refusal as one line with nothing written."""
+def export_cli(argv, capsys):
+    """export.py's command line in this process (transformers is slow to import): (exit code, stdout, stderr)."""
+    import export
+    code = 0
+    try:
+        run_cli(lambda: export.main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_cli(tmp_path, capsys):
+    """export.py: a Qwen2-MoE from a checkpoint file; a refusal is one line, and nothing is written."""
     model = our_model(FAMILIES["qwen2_moe-top2"])
     torch.save(checkpoint(model), tmp_path / "ckpt.pt")
+    code, out, err = export_cli([f"--out_dir={tmp_path}"], capsys)
+    assert code == 0, err
+    assert "Qwen2MoeForCausalLM.from_pretrained" in out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+
     refused = checkpoint(model)
     refused["model_args"]["capacity_factor"] = 1.0
     (tmp_path / "refused").mkdir()
     torch.save(refused, tmp_path / "refused" / "ckpt.pt")
-    ok = run(["export.py", f"--out_dir={tmp_path}"], cwd=tmp_path)
-    assert_ok(ok)
-    assert "Qwen2MoeForCausalLM.from_pretrained" in ok.stdout
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
-    assert_user_error(run(["export.py", f"--out_dir={tmp_path / 'refused'}"], cwd=tmp_path, check=False),
-                      "capacity_factor")
+    for argv in ([f"--out_dir={tmp_path / 'refused'}"], [f"--out_dir={tmp_path}", "--format=mixtral"],
+                 [f"--out_dir={tmp_path}", "--format=llama3"]):
+        code, out, err = export_cli(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "capacity_factor" in export_cli([f"--out_dir={tmp_path / 'refused'}"], capsys)[2]
     assert sorted(p.name for p in (tmp_path / "refused").iterdir()) == ["ckpt.pt"]
