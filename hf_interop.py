@@ -18,12 +18,18 @@ Anything without an exact equivalent is refused before anything is written, with
 import json
 import os
 import shutil
+from dataclasses import asdict, fields
 
+import torch
+
+import hf_llama
+from checkpoint import model_from_checkpoint
 from common import UserError
+from model import build_model, check_same_model, model_keys
+from moe_model import MoEConfig, MoEGPT
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", **hf_llama.ARCHITECTURES}
 FORMATS = tuple(ARCHITECTURES)
 
 # Settings no Hugging Face format here has an equivalent for, whichever family: (setting, its value in a model
@@ -85,15 +91,10 @@ def load_hf(name_or_path, settings=None):
     settings = settings or {}
     model_type = "gpt2" if source in HUB_NAMES else folder_model_type(source)
     if model_type == "gpt2":
-        from hf_gpt2 import load_gpt2
+        from hf_gpt2 import load_gpt2  # imported here: hf_gpt2 imports this file
         return load_gpt2(source, dropout=settings.get("dropout", 0.0))
     if model_type not in FORMATS:
         raise UserError(f"'{source}' holds a {model_type!r} model; init_from reads {', '.join(FORMATS)}")
-    import torch
-
-    import hf_llama
-    from model import build_model, model_keys
-
     transformers = transformers_module()
     try:
         # float32, as GPT-2's weights load: training keeps float32 weights and casts under autocast
@@ -114,11 +115,6 @@ def model_for_training(cfg, explicit=()):
     cropped to its block_size, upcycled to an MoEGPT with the run's MoE settings when the weights are dense
     and n_experts > 0. The shape comes from the weights; a shape setting the run sets explicitly (in
     `explicit`) must agree with it."""
-    from dataclasses import asdict, fields
-
-    from model import check_same_model
-    from moe_model import MoEConfig, MoEGPT
-
     model = load_hf(cfg["init_from"], cfg)
     arch = asdict(model.config)
     # block_size is compared even when the config file only inherits it: GPT-2's 1024 crops to a smaller one
@@ -140,8 +136,7 @@ def model_for_training(cfg, explicit=()):
 def pick_format(model_args):
     """The Hugging Face format whose architecture the checkpoint has (see the module docstring)."""
     if model_args.get("n_experts", 0) > 0:
-        import hf_llama
-        return "mixtral" if hf_llama._is_mixtral(model_args) else "qwen2_moe"
+        return "mixtral" if hf_llama.fits_mixtral(model_args) else "qwen2_moe"
     return "gpt2" if model_args["pos_emb"] == "learned" else "llama"
 
 
@@ -161,7 +156,6 @@ def check_exportable(model_args, fmt, picked=False):
         from hf_gpt2 import gpt2_problems
         problems = gpt2_problems(model_args)
     else:
-        import hf_llama
         problems = hf_llama.family_problems(model_args, fmt)
     if problems and picked and fmt != "gpt2" and model_args.get("n_experts", 0) > 0:
         raise UserError(f"cannot export this MoE model: GPT-2 has no experts, and {problems[0]}"
@@ -175,8 +169,6 @@ def export_checkpoint(ckpt, folder, fmt=None, force=False, max_shard_size="5GB")
     """Write checkpoint `ckpt` to `folder` in Hugging Face format (config.json, model.safetensors or shards
     with an index, tokenizer files or a note): -> the format written. Everything is checked before anything
     is written; the files are written to a temporary folder beside it and moved in at the end."""
-    from checkpoint import model_from_checkpoint
-
     args = ckpt["model_args"]
     check_exportable(args, fmt or pick_format(args), picked=fmt is None)
     fmt = fmt or pick_format(args)
@@ -219,21 +211,15 @@ def export_checkpoint(ckpt, folder, fmt=None, force=False, max_shard_size="5GB")
 def _save_llama_family(model, args, fmt, folder, max_shard_size):
     """Build the transformers model from our weights and let save_pretrained write it (it writes the experts
     in the per-expert layout Mixtral and Qwen2-MoE checkpoints use, and shards above max_shard_size)."""
-    import torch
-
-    import hf_llama
-
     transformers = transformers_module()
-    family, kwargs = hf_llama.hf_config(args)
-    assert family == fmt, (family, fmt)
+    kwargs = hf_llama.hf_config(args, fmt)
     config_class = {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
                     "qwen2_moe": transformers.Qwen2MoeConfig}[fmt]
     config = config_class(**kwargs, architectures=[ARCHITECTURES[fmt]])
-    dtype = model.lm_head.weight.dtype
-    config.dtype = dtype
-    with torch.device("meta"):
+    config.dtype = model.lm_head.weight.dtype  # save_pretrained writes the weights in it
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from our weights
         hf = getattr(transformers, ARCHITECTURES[fmt])(config)
-    hf.load_state_dict(hf_llama.to_hf_state(model.state_dict(), args), strict=True, assign=True)
+    hf.load_state_dict(hf_llama.to_hf_state(model.state_dict(), args, fmt), strict=True, assign=True)
     hf.tie_weights()
     hf.save_pretrained(folder, max_shard_size=max_shard_size)
     # readers older than transformers 5 take rope_theta from the top level (Mixtral's default is 1e6, not ours)

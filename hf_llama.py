@@ -25,14 +25,15 @@ Our RoPE + RMSNorm + SwiGLU GPT is a Llama, weight for weight:
 import torch
 
 from common import UserError
-from hf_interop import ARCHITECTURES
-from model import mlp_hidden_size
+from model import GPTConfig, mlp_hidden_size
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 RMS_EPS = 1e-5  # model.make_norm's
 
 
-def hf_config(args):
-    """The transformers config (as keyword arguments) for model_args `args`, in the family hf_interop chose."""
+def hf_config(args, family):
+    """The transformers config (as keyword arguments) for model_args `args` in `family` (llama | mixtral |
+    qwen2_moe; family_problems(args, family) is empty)."""
     D, H = args["n_embd"], args["n_head"]
     c = dict(vocab_size=args["vocab_size"], hidden_size=D, num_hidden_layers=args["n_layer"],
              num_attention_heads=H, num_key_value_heads=args.get("n_kv_head") or H, head_dim=D // H,
@@ -42,30 +43,25 @@ def hf_config(args):
              # GPT-2's <|endoftext|> where the vocabulary has it (a char vocabulary has no special tokens)
              bos_token_id=50256 if args["vocab_size"] > 50256 else None,
              eos_token_id=50256 if args["vocab_size"] > 50256 else None)
-    dense_hidden = mlp_hidden_size(_Shape(args))
-    if args.get("n_experts", 0) == 0:
-        return "llama", {**c, "intermediate_size": dense_hidden, "attention_bias": args["bias"],
+    dense_hidden = mlp_hidden_size(GPTConfig.from_dict(args))
+    if family == "llama":
+        return {**c, "intermediate_size": dense_hidden, "attention_bias": args["bias"],
                          "mlp_bias": args["bias"]}
     expert_hidden = args.get("expert_hidden") or dense_hidden
     moe = dict(num_experts_per_tok=args["moe_top_k"], router_aux_loss_coef=args["balance_loss_weight"])
-    if _is_mixtral(args):
-        return "mixtral", {**c, **moe, "num_local_experts": args["n_experts"], "intermediate_size": expert_hidden,
+    if family == "mixtral":
+        return {**c, **moe, "num_local_experts": args["n_experts"], "intermediate_size": expert_hidden,
                            "router_jitter_noise": 0.0, "sliding_window": None}
-    return "qwen2_moe", {**c, **moe, "num_experts": args["n_experts"], "moe_intermediate_size": expert_hidden,
+    return {**c, **moe, "num_experts": args["n_experts"], "moe_intermediate_size": expert_hidden,
                          "shared_expert_intermediate_size": args["n_shared_experts"] * expert_hidden,
                          "intermediate_size": dense_hidden, "decoder_sparse_step": args["moe_every"],
                          "mlp_only_layers": [], "norm_topk_prob": args["moe_renorm"], "qkv_bias": False,
                          "use_sliding_window": False}
 
 
-def _is_mixtral(args):
+def fits_mixtral(args):
+    """An MoE that Mixtral represents: experts in every layer, renormalised top-k, no shared experts."""
     return args["n_shared_experts"] == 0 and args["moe_every"] == 1 and args["moe_renorm"]
-
-
-class _Shape:
-    """model_args as attributes, for mlp_hidden_size."""
-    def __init__(self, args):
-        self.__dict__.update(args)
 
 
 def family_problems(args, family):
@@ -96,9 +92,8 @@ def family_problems(args, family):
 
 # ---- ours -> transformers (in-memory parameter names of the transformers model)
 
-def to_hf_state(sd, args):
-    """Our state dict -> the transformers model's, for the family hf_config(args) names."""
-    family, _ = hf_config(args)
+def to_hf_state(sd, args, family):
+    """Our state dict (model_args `args`) -> the transformers model's in `family`."""
     H, D = args["n_head"], args["n_embd"]
     hs, kv = D // H, args.get("n_kv_head") or H
     out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["lm_head.weight"],
@@ -161,7 +156,7 @@ def model_args_from_hf(c, source):
                 n_kv_head=None if c.num_key_value_heads == H else c.num_key_value_heads,
                 block_size=c.max_position_embeddings, pos_emb="rope", rope_theta=float(rope.get("rope_theta", 1e4)),
                 norm="rmsnorm", mlp="swiglu", bias=bool(getattr(c, "attention_bias", False)))
-    dense_hidden = mlp_hidden_size(_Shape(args))
+    dense_hidden = mlp_hidden_size(GPTConfig.from_dict(args))
     has_dense_layers = family == "llama" or (family == "qwen2_moe" and c.decoder_sparse_step > 1)
     if has_dense_layers and c.intermediate_size != dense_hidden:
         problems.append(f"intermediate_size={c.intermediate_size} in its dense layers (our dense SwiGLU MLP has "

@@ -102,6 +102,12 @@ def test_export_gives_our_logits_routing_and_weights_back(name, idx, tmp_path):
     assert all(torch.equal(v, sd[k]) for k, v in back.state_dict().items())  # bit-exact, shared experts too
 
 
+def test_format_override_qwen2_moe_holds_a_mixtral(idx, tmp_path):
+    model = our_model(FAMILIES["mixtral-top2"])
+    export_checkpoint(checkpoint(model), tmp_path / "hf", "qwen2_moe")  # zero-width shared expert, step 1
+    assert (logits(hf_load(tmp_path / "hf"), idx) - logits(model, idx)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["llama", "mixtral-top2", "qwen2_moe-top2"])
 def test_export_in_bfloat16_is_close(name, idx, tmp_path):
     model = our_model(FAMILIES[name]).to(torch.bfloat16)
@@ -120,13 +126,14 @@ BLOCKS = {"mixtral": ("MixtralConfig", "modeling_mixtral", "MixtralSparseMoeBloc
 def test_moe_block_equals_the_transformers_block(name):
     """Our MoE block and transformers' Mixtral / Qwen2-MoE block with the same weights: the same output."""
     model = our_model(FAMILIES[name])
-    family, kwargs = hf_llama.hf_config(asdict(model.config))
+    family = name.split("-")[0]
+    kwargs = hf_llama.hf_config(asdict(model.config), family)
     config_class, module, block_class = BLOCKS[family]
     theirs = getattr(getattr(getattr(transformers.models, family), module), block_class)(
         getattr(transformers, config_class)(**kwargs)).eval()
     layer = next(i for i, b in enumerate(model.transformer.h) if isinstance(b.mlp, MoE))
     prefix = f"model.layers.{layer}.mlp."
-    hf_sd = hf_llama.to_hf_state(model.state_dict(), asdict(model.config))
+    hf_sd = hf_llama.to_hf_state(model.state_dict(), asdict(model.config), family)
     theirs.load_state_dict({k[len(prefix):]: v for k, v in hf_sd.items() if k.startswith(prefix)})
     x = torch.randn(2, 24, model.config.n_embd, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
