@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
                                                           "(pip install transformers)")
 
-from common import UserError, run_cli  # noqa: E402
+from common import UserError  # noqa: E402
+from conftest import run_in_process  # noqa: E402
 import hf_llama  # noqa: E402
 from hf_interop import export_checkpoint, load_hf, model_for_training, pick_format  # noqa: E402
 from model import GPT, GPTConfig, build_model  # noqa: E402
@@ -296,13 +297,7 @@ def test_export_shards_and_force_leaves_no_stale_files(tmp_path):
 def export_cli(argv, capsys):
     """export.py's command line in this process (transformers is slow to import): (exit code, stdout, stderr)."""
     import export
-    code = 0
-    try:
-        run_cli(lambda: export.main([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(export.main, argv, capsys)
 
 
 def test_export_cli(tmp_path, capsys):
