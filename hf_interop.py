@@ -158,11 +158,10 @@ def check_exportable(model_args, fmt, picked=False):
     else:
         problems = hf_llama.family_problems(model_args, fmt)
     if problems and picked and fmt != "gpt2" and model_args.get("n_experts", 0) > 0:
-        raise UserError(f"cannot export this MoE model: GPT-2 has no experts, and {problems[0]}"
-                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        # an MoE that fits no format: say why neither GPT-2 nor the MoE format it came closest to holds it
+        raise UserError(f"cannot export this MoE model: GPT-2 has no experts, and {'; '.join(problems)}")
     if problems:
-        raise UserError(f"cannot export to {fmt}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
-                                                                     if len(problems) > 1 else ""))
+        raise UserError(f"cannot export to {fmt}: {'; '.join(problems)}")
 
 
 def export_checkpoint(ckpt, folder, fmt=None, force=False, max_shard_size="5GB"):

@@ -47,7 +47,8 @@ def our_model(args, seed=0):
 
 
 def checkpoint(model, tokenizer="char"):
-    meta = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS} if tokenizer == "char" else {}
+    meta = {"char": {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS},
+            "gpt2": {"tokenizer": "gpt2", "vocab_size": 50257}}[tokenizer]
     return {"model_args": asdict(model.config), "model": model.state_dict(), "tokenizer": meta}
 
 
@@ -274,6 +275,14 @@ def test_pick_format_follows_the_architecture():
     assert pick_format(base) == "mixtral"
     for change in (dict(n_shared_experts=1), dict(moe_every=2), dict(moe_renorm=False)):
         assert pick_format({**base, **change}) == "qwen2_moe"
+
+
+def test_export_notes_the_gpt2_tokenizer(tmp_path):
+    model = our_model(dict(LLAMA, vocab_size=50304))
+    export_checkpoint(checkpoint(model, tokenizer="gpt2"), tmp_path / "hf")
+    assert "GPT-2 BPE" in (tmp_path / "hf" / "README.md").read_text()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"], config["rope_theta"]) == (50304, 50256, 500.0)
 
 
 def test_export_shards_and_force_leaves_no_stale_files(tmp_path):
