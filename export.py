@@ -1,16 +1,17 @@
 """
-Write a dense checkpoint as a Hugging Face GPT-2 model (config.json + model.safetensors), for
-transformers, other tools and the hub:
+Write a checkpoint as a Hugging Face model (config.json, model.safetensors or shards with an index, the
+tokenizer or a note on it), for transformers, serving tools and the hub. The format follows the checkpoint's
+architecture (hf_interop.py has the table); --format names one, and must fit:
 
     python export.py --out_dir=out-shakespeare-char                   # -> out-shakespeare-char/hf
-    python export.py --out_dir=out-x --ckpt=best.pt --hf_dir=exported/x
+    python export.py --out_dir=out-moe --ckpt=best.pt --hf_dir=exported/moe --format=qwen2_moe
 
-    from transformers import GPT2LMHeadModel
-    model = GPT2LMHeadModel.from_pretrained("out-shakespeare-char/hf")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("out-shakespeare-char/hf")
 
-Only the GPT-2 architecture fits the format (learned positions, LayerNorm, GELU, full attention heads); an
-MoE checkpoint does not (GPT-2 has no experts). No tokenizer is written: token ids are those of the
-tokenizer the checkpoint names (for GPT-2 BPE, transformers' GPT2TokenizerFast.from_pretrained('gpt2')).
+gpt2 (learned positions, LayerNorm, GELU), llama (RoPE, RMSNorm, SwiGLU), mixtral and qwen2_moe (that backbone
+with experts) compute exactly our logits. A model with no exact equivalent in the format (GELU experts with
+biases, capacity, ...) is refused with one line naming what is missing, and nothing is written.
 """
 import os
 import signal
@@ -19,33 +20,30 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError, run_cli
-from configurator import parse_args, script_keys
-from hf_gpt2 import export_hf
+from checkpoint import load_checkpoint
+from common import run_cli
+from configurator import Valid, parse_args, script_keys
+from hf_interop import ARCHITECTURES, FORMATS, export_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
 ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
 hf_dir: str | None = None  # where to write the Hugging Face folder (None = out_dir/hf)
+format: Valid(str | None, choices=FORMATS) = None  # None = the format the checkpoint's architecture has
+force = False  # replace the files of an earlier export in a non-empty hf_dir
 # -----------------------------------------------------------------------------
 KEYS = script_keys(globals())
 
 
-def main():
-    cfg = parse_args(KEYS, sys.argv[1:])
+def main(argv=None):
+    cfg = parse_args(KEYS, sys.argv[1:] if argv is None else argv)
     path = os.path.join(cfg["out_dir"], cfg["ckpt"])
     hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
     ckpt = load_checkpoint(path)
-    n = ckpt["model_args"].get("n_experts", 0)
-    if n > 0:
-        raise UserError(f"{path} holds an MoE model ({n} experts): the GPT-2 (Hugging Face) format has no "
-                        f"experts, so only dense checkpoints can be exported")
-    model = model_from_checkpoint(ckpt)
-    export_hf(model, hf_dir)
-    tokenizer = ckpt.get("tokenizer", {}).get("tokenizer", "unknown")
-    print(f"wrote {hf_dir}/config.json and model.safetensors ({model.get_num_params() / 1e6:.2f}M parameters, "
-          f"token ids of the {tokenizer} tokenizer); load with transformers.GPT2LMHeadModel.from_pretrained('{hf_dir}')")
+    fmt = export_checkpoint(ckpt, hf_dir, cfg["format"], cfg["force"])
+    tokenizer = (ckpt.get("tokenizer") or {}).get("tokenizer", "unknown")
+    print(f"wrote {hf_dir} as {ARCHITECTURES[fmt]} (token ids of the {tokenizer} tokenizer); load with "
+          f"transformers.{ARCHITECTURES[fmt]}.from_pretrained('{hf_dir}')")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """
-GPT-2 weights in and out of Hugging Face format. The one place that knows the Hugging Face layout; train.py
-(init_from='gpt2' or 'hf:/path') and export.py use it.
+GPT-2 weights in and out of Hugging Face format: the GPT2LMHeadModel layout. hf_interop.py, which train.py
+(init_from='gpt2' or 'hf:/path') and export.py use, picks this file for GPT-2 folders and checkpoints.
 
     dense = load_gpt2("gpt2")                       # hub download (needs transformers), like nanoGPT
     dense = load_gpt2("hf:/path/to/folder")         # a folder written by save_pretrained or export.py
@@ -13,50 +13,23 @@ what transformers computes; export_hf writes the activation the model uses ('gel
 """
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
 from common import UserError
-from model import GPT, GPTConfig, check_same_model
+from hf_interop import HUB_NAMES, first_line, folder_model_type, transformers_module
+from model import GPT, GPTConfig
 
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face's Conv1D weights are (in, out): these are transposed to and from nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def is_hf_init(init_from):
-    """True for the init_from values that load GPT-2 weights: a hub name or 'hf:/path/to/folder'."""
-    return init_from in HUB_NAMES or init_from.startswith("hf:")
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("GPT-2 weights need the transformers package: pip install transformers") from None
-    return transformers
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
 def _load_hf_model(source):
     """transformers.GPT2LMHeadModel from a hub name or a local folder, with readable errors."""
-    transformers = _transformers()
+    transformers = transformers_module()
     if source not in HUB_NAMES:
-        config_path = os.path.join(source, "config.json")
-        if not os.path.isdir(source):
-            raise UserError(f"no folder '{source}': init_from takes {', '.join(HUB_NAMES)} or hf:/path/to/folder "
-                            f"(a folder written by save_pretrained or export.py)")
-        if not os.path.isfile(config_path):
-            raise UserError(f"'{source}' is not a Hugging Face model folder (no config.json)")
-        try:
-            with open(config_path) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"cannot read {config_path}: {_first_line(e)}") from None
+        model_type = folder_model_type(source)
         if model_type != "gpt2":
             raise UserError(f"'{source}' is not a GPT-2 model (config.json model_type is {model_type!r}, "
                             f"expected 'gpt2')")
@@ -65,7 +38,7 @@ def _load_hf_model(source):
     except Exception as e:  # OSError offline or for missing files, ValueError for bad configs, ...
         hint = (" (no network? save it with save_pretrained where there is one, then use "
                 "init_from='hf:/path/to/folder')") if source in HUB_NAMES else ""
-        raise UserError(f"cannot load GPT-2 weights from '{source}': {type(e).__name__}: {_first_line(e)}{hint}") \
+        raise UserError(f"cannot load GPT-2 weights from '{source}': {type(e).__name__}: {first_line(e)}{hint}") \
             from None
 
 
@@ -110,26 +83,19 @@ def load_gpt2(name_or_path, dropout=0.0):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise UserError(f"'{source}' does not have GPT-2's weights: {_first_line(e)}") from None
+        raise UserError(f"'{source}' does not have GPT-2's weights: {first_line(e)}") from None
     return model
 
 
-def model_for_training(cfg, explicit=()):
-    """train.py's init_from='gpt2'|...|'hf:/path': the GPT-2 weights with the run's dropout, cropped to its
-    block_size, upcycled to an MoEGPT with the run's MoE settings when n_experts > 0. The shape comes from
-    the checkpoint; a shape setting the run sets explicitly (in `explicit`) must agree with it."""
-    from moe_model import MoEConfig, MoEGPT
-
-    dense = load_gpt2(cfg["init_from"], dropout=cfg["dropout"])
-    arch = asdict(dense.config)
-    # block_size is compared even when the config file only inherits it: GPT-2's 1024 crops to a smaller one
-    check_same_model(arch, cfg, set(explicit) | {"block_size"}, "checkpoint", crop=True)
-    if cfg["block_size"] < dense.config.block_size:
-        dense.crop_block_size(cfg["block_size"])
-    if cfg.get("n_experts", 0) <= 0:
-        return dense
-    moe_keys = [f.name for f in fields(MoEConfig) if f.name not in arch]
-    return MoEGPT.from_dense(dense, MoEConfig(**asdict(dense.config), **{k: cfg[k] for k in moe_keys}))
+def gpt2_problems(args):
+    """Why a dense model with settings `args` has no exact GPT-2 equivalent; [] if it has one."""
+    problems = [f"the GPT-2 format needs {name}={gpt2[0]!r}, this model has {name}={args[name]!r}"
+                for name, gpt2 in (("pos_emb", ("learned",)), ("norm", ("layernorm",)), ("mlp", ("gelu", "gelu_tanh")))
+                if args[name] not in gpt2]
+    if args.get("n_kv_head") not in (None, args["n_head"]):
+        problems.append(f"the GPT-2 format needs n_kv_head=None (one key/value head per head), this model has "
+                        f"n_kv_head={args['n_kv_head']}")
+    return problems
 
 
 def export_hf(model, folder):
@@ -143,13 +109,9 @@ def export_hf(model, folder):
     if hasattr(model, "moe_layers"):
         raise UserError("an MoE model cannot be written in GPT-2 (Hugging Face) format: GPT-2 has no experts")
     c = model.config
-    for name, value, gpt2 in (("pos_emb", c.pos_emb, ("learned",)), ("norm", c.norm, ("layernorm",)),
-                              ("mlp", c.mlp, ("gelu", "gelu_tanh"))):
-        if value not in gpt2:
-            raise UserError(f"the GPT-2 format needs {name}={gpt2[0]!r}, this model has {name}={value!r}")
-    if c.n_kv_head not in (None, c.n_head):
-        raise UserError(f"the GPT-2 format needs n_kv_head=None (one key/value head per head), this model has "
-                        f"n_kv_head={c.n_kv_head}")
+    problems = gpt2_problems(asdict(c))
+    if problems:
+        raise UserError(problems[0])
 
     sd = model.state_dict()
     tensors = {}

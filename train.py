@@ -32,7 +32,7 @@ from checkpoint import (TO_RESUME, link_checkpoint, load_checkpoint, model_from_
                         save_checkpoint, set_rng_state)
 from common import DTYPES, MAX_SEED, UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
 from configurator import Valid, parse_args, script_keys
-from hf_gpt2 import is_hf_init, model_for_training
+from hf_interop import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
 from parallel import BACKENDS, any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
@@ -47,7 +47,7 @@ eval_iters: Valid(min=1) = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 save_interval: Valid(min=0) = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
-init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (GPT-2 weights)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (Hugging Face weights)
 # logging
 wandb_log = False
 wandb_project = "nanomoe"

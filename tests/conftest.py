@@ -92,6 +92,19 @@ def snapshot(*folders):
             for folder in map(Path, folders) for p in sorted(folder.rglob("*"))}
 
 
+def run_in_process(main, argv, capsys):
+    """A script's main(argv) in this process, as its command line runs it (run_cli): (exit code, stdout,
+    stderr). For scripts whose imports (matplotlib, transformers) would make a subprocess slow."""
+    from common import run_cli
+    code = 0
+    try:
+        run_cli(lambda: main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def assert_ok(r):
     """The script exited 0 (else both output streams are shown)."""
     assert r.returncode == 0, f"exit code {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"

@@ -1,5 +1,5 @@
 """
-Hugging Face GPT-2 interop (hf_gpt2.py, export.py, train.py --init_from=hf:DIR) and sparse upcycling.
+Hugging Face GPT-2 interop (hf_gpt2.py, hf_interop.py, export.py, train.py --init_from=hf:DIR) and sparse upcycling.
 Offline: the "pretrained" GPT-2 is a tiny random transformers model saved to a temp folder.
 """
 import json
@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers", reason="GPT-2 interop needs t
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from common import UserError  # noqa: E402
 from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run  # noqa: E402
-from hf_gpt2 import export_hf, load_gpt2, model_for_training  # noqa: E402
+from hf_gpt2 import export_hf, load_gpt2  # noqa: E402
+from hf_interop import model_for_training  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from moe_model import MoEConfig, MoEGPT  # noqa: E402
 

@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from common import run_cli
-from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run
+from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run, run_in_process
 
 import plot  # noqa: E402  (matplotlib is imported inside plot.main)
 
@@ -37,13 +36,7 @@ def runs(tmp_path_factory, shakespeare_data):
 
 def plot_cli(argv, capsys):
     """plot.py's command line in this process (matplotlib is slow to import): (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        run_cli(lambda: plot.main([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(plot.main, argv, capsys)
 
 
 def assert_png(path):
