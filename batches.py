@@ -55,6 +55,15 @@ class TokenData:
             meta_sha256 = hashlib.sha256(f.read()).hexdigest()
         return {"dataset": os.path.basename(self.dir), "meta_sha256": meta_sha256, **self.sizes}
 
+    def check_same_data(self, tokenizer, fingerprint):
+        """For a resumed run: another tokenizer than the checkpoint's is refused (its token ids would mean other
+        things); -> whether the files changed otherwise (the batches will differ, worth a note)."""
+        if tokenizer != self.tokenizer_meta():
+            raise UserError(f"the checkpoint was trained with the {describe_tokenizer(tokenizer)} tokenizer, but "
+                            f"dataset {self.dir} has the {describe_tokenizer(self.tokenizer_meta())} one; resume on "
+                            f"the checkpoint's dataset (--dataset, --data_root), or start a new run")
+        return fingerprint not in (None, self.fingerprint())
+
     def path(self, split):
         return os.path.join(self.dir, f"{split}.bin")
 
@@ -73,3 +82,7 @@ class TokenData:
             # pinned memory lets the copy to the GPU overlap with compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+
+def describe_tokenizer(meta):
+    return f"{meta['vocab_size']}-character" if meta.get("tokenizer") == "char" else str(meta.get("tokenizer"))

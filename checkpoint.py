@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import socket
 import zipfile
 from dataclasses import asdict
 
@@ -154,3 +155,66 @@ def set_rng_state(state, batch_gen):
     batch_gen.set_state(state["batch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt.get("rng", [])
+    if len(states) == proc.world_size:
+        set_rng_state(states[proc.rank], batch_gen)
+    elif proc.master:
+        print(f"note: checkpoint has random states for {len(states)} processes, this run has {proc.world_size}; "
+              f"batches will differ from an uninterrupted run")
+
+
+# -----------------------------------------------------------------------------
+# the run's folder (out_dir): checked before anything is written, locked while a run uses it
+
+def check_out_dir(out_dir):
+    """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir '{out_dir}' is a file, not a folder (choose another --out_dir)")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create out_dir '{out_dir}': '{existing}' is a file (choose another --out_dir)")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"out_dir '{out_dir}' is not writable (choose another --out_dir or fix its permissions)")
+
+
+def open_out_dir(out_dir):
+    """Create out_dir, take its lock, remove the temporary files of saves a kill cut short."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock_out_dir(out_dir)
+    for name in os.listdir(out_dir):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(out_dir, name))
+
+
+_held_locks = []
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
+    The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs there are not guarded
+        return
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"out_dir '{out_dir}' is in use by another train.py ({holder}); wait for it to end, or "
+                        f"choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks.append(f)  # kept open, and so locked, until the process exits

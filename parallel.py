@@ -4,6 +4,7 @@ CPU share) launched by torchrun. The helpers are no-ops in a single process, so 
 either way.
 """
 import os
+import signal
 from types import SimpleNamespace
 
 import torch
@@ -86,3 +87,21 @@ def gather_objects(obj, proc):
     objs = [None] * proc.world_size
     dist.all_gather_object(objs, obj)
     return objs
+
+
+def install_stop_handlers(master):
+    """Ctrl-C, SIGTERM, SIGHUP (a closed terminal or ssh session): finish the current step, save, exit 0; a
+    second signal exits at once. Returns the list the handler appends to (non-empty = stop asked for)."""
+    stop_requested = []
+
+    def on_signal(signum, frame):
+        if stop_requested:
+            os._exit(130)
+        stop_requested.append(signum)
+        if master:
+            print(f"\n{signal.Signals(signum).name} received: stopping after this step (again to quit now)",
+                  flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, on_signal)
+    return stop_requested

@@ -14,7 +14,6 @@ the log shows each part (`loss` is always the cross-entropy).
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -28,14 +27,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batches import TokenData
-from checkpoint import (TO_RESUME, link_checkpoint, load_checkpoint, model_from_checkpoint, model_state, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (TO_RESUME, check_out_dir, link_checkpoint, load_checkpoint, model_from_checkpoint,
+                        model_state, open_out_dir, restore_training_state, rng_state, save_checkpoint)
 from common import DTYPES, MAX_SEED, UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
 from configurator import Valid, parse_args, script_keys
 from hf_interop import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
-from parallel import BACKENDS, any_rank, finish, gather_objects, join, mean_over_ranks, setup_processes
+from parallel import BACKENDS, any_rank, install_stop_handlers, finish, gather_objects, join, mean_over_ranks, setup_processes
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
@@ -89,8 +88,9 @@ def main():
     check_run(cfg, proc)
     join(proc, cfg.backend)
     data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
-    if ckpt:
-        check_same_data(ckpt, data, proc.master)
+    if ckpt and data.check_same_data(ckpt["tokenizer"], ckpt.get("data")) and proc.master:
+        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
+              f"training goes on with the new ones")
     raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
     ctx = autocast_context(proc.device, proc.dtype)
     preflight(raw_model, data, cfg, proc, ctx)
@@ -110,7 +110,11 @@ def main():
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if proc.master:
         describe_run(raw_model, cfg, proc, tokens_per_iter)
-    metrics = start_out_dir(cfg, iter_num) if proc.master else None
+    metrics = None
+    if proc.master:
+        open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
+        mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
+        metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
                           metrics=metrics, wandb=wandb,
@@ -247,19 +251,6 @@ def check_run(cfg, proc):
             raise UserError("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
 
 
-def check_out_dir(out_dir):
-    """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"out_dir '{out_dir}' is a file, not a folder (choose another --out_dir)")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"cannot create out_dir '{out_dir}': '{existing}' is a file (choose another --out_dir)")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"out_dir '{out_dir}' is not writable (choose another --out_dir or fix its permissions)")
-
-
 def make_model(cfg, explicit, ckpt, data):
     """The model to train: the checkpoint's (resume), GPT-2's weights (init_from='gpt2' or 'hf:/path',
     sparse-upcycled when n_experts > 0) or a new one from the config. The same seed on every rank gives
@@ -284,23 +275,6 @@ def make_model(cfg, explicit, ckpt, data):
     return model
 
 
-def check_same_data(ckpt, data, master):
-    """A resumed run trains on the data its checkpoint was trained on: another tokenizer is refused (the token
-    ids would mean other things); other changes to the files are worth a note (the batches will differ)."""
-    saved, now = ckpt["tokenizer"], data.tokenizer_meta()
-    if saved != now:
-        raise UserError(f"the checkpoint was trained with the {describe_tokenizer(saved)} tokenizer, but dataset "
-                        f"{data.dir} has the {describe_tokenizer(now)} one; resume on the checkpoint's dataset "
-                        f"(--dataset, --data_root), or start a new run")
-    if master and ckpt.get("data") not in (None, data.fingerprint()):
-        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
-              f"training goes on with the new ones")
-
-
-def describe_tokenizer(meta):
-    return f"{meta['vocab_size']}-character" if meta.get("tokenizer") == "char" else str(meta.get("tokenizer"))
-
-
 @torch.no_grad()
 def preflight(model, data, cfg, proc, ctx):
     """One forward pass of one sequence before anything is written: settings that are each legal can still
@@ -315,18 +289,6 @@ def preflight(model, data, cfg, proc, ctx):
         raise UserError(f"the model computes a non-finite loss ({loss.item()}) on its first batch, before any "
                         f"training: some setting is extreme (rope_theta, dtype, the model's size); change it and "
                         f"run again (nothing was written)")
-
-
-def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt.get("rng", [])
-    if len(states) == proc.world_size:
-        set_rng_state(states[proc.rank], batch_gen)
-    elif proc.master:
-        print(f"note: checkpoint has random states for {len(states)} processes, this run has {proc.world_size}; "
-              f"batches will differ from an uninterrupted run")
 
 
 def describe_run(model, cfg, proc, tokens_per_iter):
@@ -351,64 +313,10 @@ def describe_run(model, cfg, proc, tokens_per_iter):
                   f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 
 
-def start_out_dir(cfg, iter_num):
-    """Create out_dir (rank 0), take its lock, remove temporary files of saves a kill cut short, open
-    metrics.jsonl."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    lock_out_dir(cfg.out_dir)
-    for name in os.listdir(cfg.out_dir):
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(cfg.out_dir, name))
-    mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
-    return MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
-
-
-def lock_out_dir(out_dir):
-    """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
-    The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; runs there are not guarded
-        return
-    global _lock_file  # held open (and so locked) until the process exits
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"out_dir '{out_dir}' is in use by another train.py ({holder}); wait for it to end, or "
-                        f"choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _lock_file = f
-
-
 def start_wandb(cfg):
     import wandb
     wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
     return wandb
-
-
-def install_stop_handlers(master):
-    """Ctrl-C, SIGTERM, SIGHUP (a closed terminal or ssh session): finish the current step, save, exit 0; a
-    second signal exits at once. Returns the list the handler appends to (non-empty = stop asked for)."""
-    stop_requested = []
-
-    def on_signal(signum, frame):
-        if stop_requested:
-            os._exit(130)
-        stop_requested.append(signum)
-        if master:
-            print(f"\n{signal.Signals(signum).name} received: stopping after this step (again to quit now)",
-                  flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, on_signal)
-    return stop_requested
 
 
 # -----------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_dense_two_ranks_run_and_only_rank0_writes(dense_run):
                           "2 on each of 2 processes)") == 1, r.stdout
     assert "2 process(es)" in r.stdout
     assert r.stdout.count("saved checkpoint") == 1  # one eval with a save (at iter 2), by one rank
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "best.pt", "ckpt.pt", "metrics.jsonl"]
     assert [rec["iter"] for rec in records(out, "train")] == [0, 1]  # one line per iteration, not per rank
     assert [rec["iter"] for rec in records(out, "eval")] == [0, 2]
     assert records(out, "train")[0]["tokens"] == 512
