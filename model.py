@@ -140,6 +140,20 @@ def rope_cache(head_size, length, theta):
     return angles.cos(), angles.sin()
 
 
+def add_rope_buffers(module, dim, config):
+    """module.rope_cos/rope_sin: the tables for `dim` rotary dims and every position up to block_size. Not saved
+    in checkpoints: rebuilt from the config, and crop_block_size can slice them."""
+    cos, sin = rope_cache(dim, config.block_size, config.rope_theta)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
+def rope_tables(module, T, cache):
+    """module's cos/sin rows for T new positions, which start after the ones a cache holds."""
+    pos = cache.pos if cache is not None else 0
+    return module.rope_cos[pos:pos + T], module.rope_sin[pos:pos + T]
+
+
 def apply_rope(x, cos, sin):
     # x: (B, nh, T, hs); rotate each pair (x1, x2) of the two halves by the position's angle
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -217,10 +231,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.use_rope = config.pos_emb == "rope"
         if self.use_rope:
-            cos, sin = rope_cache(self.head_size, config.block_size, config.rope_theta)
-            # not saved in checkpoints: rebuilt from the config, and crop_block_size can slice them
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            add_rope_buffers(self, self.head_size, config)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -230,8 +241,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
         if self.use_rope:
-            pos = cache.pos if cache is not None else 0  # the new tokens' positions start after the cached ones
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            cos, sin = rope_tables(self, T, cache)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k=k, v=v)  # (B, n_kv, S, hs): the cache keeps only the kv heads
@@ -277,9 +287,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         if self.d_rope:
-            cos, sin = rope_cache(self.d_rope, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            add_rope_buffers(self, self.d_rope, config)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -290,8 +298,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_norm(c_kv)  # (B, T, latent)
         k_rope = k_rope.unsqueeze(1)  # (B, 1, T, d_rope): one rotary key for all heads
         if dr:
-            pos = cache.pos if cache is not None else 0
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            cos, sin = rope_tables(self, T, cache)
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         if cache is not None:
             c_kv, k_rope = cache.append(self.layer_idx, c_kv=c_kv, k_rope=k_rope)  # S = cached + new positions
