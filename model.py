@@ -1,6 +1,8 @@
 """
 The dense GPT. GPT-2 architecture by default (learned positions, LayerNorm, GELU MLP, tied head), with
-modern options behind config flags: RoPE, grouped-query attention, RMSNorm, SwiGLU.
+modern options behind config flags: RoPE, grouped-query attention, RMSNorm, SwiGLU, multi-head latent
+attention (MLA, DeepSeek-V2) and hashed n-gram ("F-gram") input embeddings. Generation keeps a KVCache so a
+new token costs one position's work instead of re-running the whole context.
 
 Extension point for moe_model.py: GPT.make_ffn(layer_idx) builds the feed-forward block of each layer, and
 GPT.extra_losses() returns whatever a subclass wants to add to the loss (the dense model adds nothing).
@@ -34,6 +36,15 @@ class GPTConfig:
     norm: str = setting("layernorm", "'layernorm' or 'rmsnorm'", choices=("layernorm", "rmsnorm"))
     mlp: str = setting("gelu", "'gelu' (4x hidden), 'gelu_tanh' (GPT-2's own tanh GELU) or 'swiglu'",
                        choices=("gelu", "gelu_tanh", "swiglu"))
+    attn: str = setting("mha", "'mha' (multi-head, or grouped-query with n_kv_head) or 'mla' (multi-head latent "
+                               "attention, DeepSeek-V2)", choices=("mha", "mla"))
+    q_latent_dim: int = setting(0, "MLA: width of the compressed query latent (0 = no query compression)", min=0)
+    kv_latent_dim: int = setting(256, "MLA: width of the compressed key/value latent (what the KV cache keeps)",
+                                 min=1)
+    d_rope: int = setting(32, "MLA: rotary dims of each query/key head, the key's shared by all heads (even, at "
+                              "most the head size; 0 = none)", min=0)
+    fgram_max_n: int = setting(0, "hashed n-gram input embeddings for n = 2..fgram_max_n (0 = off)", min=0)
+    fgram_buckets: int = setting(4096, "rows of each F-gram table (n-grams are hashed into them)", min=1)
 
     def __post_init__(self):
         self.validate()
@@ -46,8 +57,28 @@ class GPTConfig:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % kv:
             raise UserError(f"n_head={self.n_head} is not divisible by n_kv_head={kv}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"pos_emb='rope' needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        hs = self.n_embd // self.n_head
+        if self.pos_emb == "rope" and self.attn == "mha" and hs % 2:
+            raise UserError(f"pos_emb='rope' needs an even head size, got n_embd/n_head={hs}")
+        if self.attn == "mla":
+            self.validate_mla(hs)
+        if self.fgram_max_n == 1:
+            raise UserError("fgram_max_n=1 has no n-grams to add (they start at n=2); use 0 for off or 2 or more")
+
+    def validate_mla(self, hs):
+        if self.n_kv_head is not None:
+            raise UserError(f"attn='mla' has no key/value heads to group: remove n_kv_head={self.n_kv_head} "
+                            f"(MLA shares one latent across heads instead)")
+        for name in ("q_latent_dim", "kv_latent_dim"):
+            if getattr(self, name) > self.n_embd:
+                raise UserError(f"{name}={getattr(self, name)} does not fit: the latent compresses the "
+                                f"n_embd={self.n_embd} input, so it must be at most {self.n_embd}")
+        if self.d_rope % 2:
+            raise UserError(f"d_rope={self.d_rope} must be even (RoPE rotates pairs of dims)")
+        if self.d_rope > hs:
+            raise UserError(f"d_rope={self.d_rope} is larger than the head size n_embd/n_head={hs}")
+        if self.pos_emb == "rope" and self.d_rope == 0:
+            raise UserError("attn='mla' with pos_emb='rope' needs d_rope > 0 (MLA rotates only its d_rope dims)")
 
     @classmethod
     def from_dict(cls, d):
@@ -109,6 +140,20 @@ def rope_cache(head_size, length, theta):
     return angles.cos(), angles.sin()
 
 
+def add_rope_buffers(module, dim, config):
+    """module.rope_cos/rope_sin: the tables for `dim` rotary dims and every position up to block_size. Not saved
+    in checkpoints: rebuilt from the config, and crop_block_size can slice them."""
+    cos, sin = rope_cache(dim, config.block_size, config.rope_theta)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
+def rope_tables(module, T, cache):
+    """module's cos/sin rows for T new positions, which start after the ones a cache holds."""
+    pos = cache.pos if cache is not None else 0
+    return module.rope_cos[pos:pos + T], module.rope_sin[pos:pos + T]
+
+
 def apply_rope(x, cos, sin):
     # x: (B, nh, T, hs); rotate each pair (x1, x2) of the two halves by the position's angle
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -118,9 +163,64 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
+class KVCache:
+    """What generation keeps between steps so that each new token costs one position's work. Per layer, an
+    attention layer appends the per-token tensors it needs again (MHA/GQA: keys and values; MLA: the
+    compressed latent and the rope key) with append(); a layer with a fixed-size recurrent state (a Mamba2
+    block, say) reads and replaces it with get()/put() under the same interface. pos counts the positions
+    already processed; ids keeps the last few token ids for the F-gram hash."""
+
+    def __init__(self, n_layer):
+        self.layers = [{} for _ in range(n_layer)]
+        self.pos = 0
+        self.ids = None
+
+    def append(self, layer, **tensors):
+        """Add the new positions' tensors (time on dim -2) to the layer's and return each one's whole history."""
+        store = self.layers[layer]
+        for name, t in tensors.items():
+            store[name] = torch.cat([store[name], t], dim=-2) if name in store else t
+        return [store[name] for name in tensors]
+
+    def get(self, layer, name, default=None):
+        return self.layers[layer].get(name, default)
+
+    def put(self, layer, name, value):
+        self.layers[layer][name] = value
+
+    def nbytes(self):
+        """Bytes of the layers' tensors (what grows with the context)."""
+        return sum(t.numel() * t.element_size() for store in self.layers for t in store.values())
+
+
+def cache_values_per_token(config):
+    """Numbers a KVCache keeps per token, all layers together: keys and values of the kv heads (MHA/GQA), or
+    the latent and the shared rope key (MLA). Times the dtype's bytes, it is the cache's bytes per token."""
+    if config.attn == "mla":
+        return config.n_layer * (config.kv_latent_dim + config.d_rope)
+    return config.n_layer * 2 * (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """softmax(q k^T / sqrt(d)) v where query i (of the last T positions) sees keys up to its own position.
+    q (B, nh, T, d), k (B, nh, S, d), v (B, nh, S, dv) with S >= T: the first S - T keys come from a cache."""
+    T, S = q.size(2), k.size(2)
+    if T == S:  # training, and the first step of generation
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def make_attention(config, layer_idx):
+    return MultiHeadLatentAttention(config, layer_idx) if config.attn == "mla" else CausalSelfAttention(config, layer_idx)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
+        self.layer_idx = layer_idx  # which entry of a KVCache is ours
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_size = config.n_embd // config.n_head
@@ -131,12 +231,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.use_rope = config.pos_emb == "rope"
         if self.use_rope:
-            cos, sin = rope_cache(self.head_size, config.block_size, config.rope_theta)
-            # not saved in checkpoints: rebuilt from the config, and crop_block_size can slice them
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            add_rope_buffers(self, self.head_size, config)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size()
         hs = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -144,13 +241,74 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
         if self.use_rope:
-            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+            cos, sin = rope_tables(self, T, cache)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k=k, v=v)  # (B, n_kv, S, hs): the cache keeps only the kv heads
         if self.n_kv_head != self.n_head:
             # each kv head serves n_head / n_kv_head query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2, section 2.1), in the plain (non-absorbed) form. With h the layer input, per token:
+        c_kv = RMSNorm(W_dkv h)                       the key/value latent (kv_latent_dim): all the cache keeps
+        k_rope = RoPE(W_kr h)                         one d_rope rotary key shared by every head: cached too
+        k_i = [W_uk_i c_kv ; k_rope],  v_i = W_uv_i c_kv
+        c_q = RMSNorm(W_dq h) (or h when q_latent_dim = 0),  q_i = [W_uq_i c_q ; RoPE(W_qr_i c_q)]
+        o_i = softmax(q_i k_i^T / sqrt(head_size)) v_i,   out = W_o [o_1 ... o_nh]
+    Each query/key head has head_size = n_embd / n_head dims, the last d_rope of them rotary; each value head
+    head_size. W_dkv and W_kr share one matmul (kv_a_proj), as do W_uk and W_uv (kv_b_proj) and W_uq and
+    W_qr (q_b_proj, or q_proj without query compression)."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.d_rope = config.d_rope
+        self.d_nope = self.head_size - config.d_rope  # the content (position-free) part of a query/key head
+        self.kv_latent_dim = config.kv_latent_dim
+        C, nh, hs = config.n_embd, self.n_head, self.head_size
+        if config.q_latent_dim:
+            self.q_a_proj = nn.Linear(C, config.q_latent_dim, bias=config.bias)
+            self.q_a_norm = nn.RMSNorm(config.q_latent_dim, eps=1e-5)
+            self.q_b_proj = nn.Linear(config.q_latent_dim, nh * hs, bias=config.bias)
+        else:
+            self.q_proj = nn.Linear(C, nh * hs, bias=config.bias)
+        self.kv_a_proj = nn.Linear(C, config.kv_latent_dim + config.d_rope, bias=config.bias)  # [c_kv | k_rope]
+        self.kv_a_norm = nn.RMSNorm(config.kv_latent_dim, eps=1e-5)
+        self.kv_b_proj = nn.Linear(config.kv_latent_dim, nh * (self.d_nope + hs), bias=config.bias)  # [k | v] per head
+        self.c_proj = nn.Linear(nh * hs, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        if self.d_rope:
+            add_rope_buffers(self, self.d_rope, config)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        nh, hs, dr = self.n_head, self.head_size, self.d_rope
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, nh, hs).transpose(1, 2).split([self.d_nope, dr], dim=-1)  # (B, nh, T, .)
+        c_kv, k_rope = self.kv_a_proj(x).split([self.kv_latent_dim, dr], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # (B, T, latent)
+        k_rope = k_rope.unsqueeze(1)  # (B, 1, T, d_rope): one rotary key for all heads
+        if dr:
+            cos, sin = rope_tables(self, T, cache)
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        if cache is not None:
+            c_kv, k_rope = cache.append(self.layer_idx, c_kv=c_kv, k_rope=k_rope)  # S = cached + new positions
+        S = c_kv.size(1)
+        # non-absorbed: up-project the latent of every position to per-head keys and values
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, nh, self.d_nope + hs).transpose(1, 2).split([self.d_nope, hs], -1)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, nh, T, hs)
+        k = torch.cat([k_nope, k_rope.expand(B, nh, S, dr)], dim=-1)  # (B, nh, S, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -177,16 +335,56 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.kind)))
 
 
+class FGram(nn.Module):
+    """Hashed n-gram input embeddings ("F-gram"): for n = 2..fgram_max_n, the last n token ids at each
+    position are hashed into one of fgram_buckets rows of that n's table, and scale_n * row is added to the
+    token embedding. Causal by construction (only the current and earlier ids). The tables start at zero, so
+    a new model computes what it would without them; the scales start at 1 so the tables get gradients."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ns = list(range(2, config.fgram_max_n + 1))
+        self.buckets = config.fgram_buckets
+        # plain zero tensors, not nn.Embedding: they draw no random numbers, so the rest of the model gets the
+        # same initial weights from the same seed as without them
+        self.tables = nn.ParameterList([nn.Parameter(torch.zeros(config.fgram_buckets, config.n_embd))
+                                        for _ in self.ns])
+        self.scale = nn.Parameter(torch.ones(len(self.ns)))
+
+    def forward(self, idx, cache=None):
+        """idx (B, T) -> (B, T, n_embd). With a cache, the hash also reads the ids before idx kept there."""
+        T = idx.size(1)
+        ids = idx if cache is None or cache.ids is None else torch.cat([cache.ids, idx], dim=1)
+        if cache is not None:
+            cache.ids = ids[:, -(self.ns[-1] - 1):]  # the next step's n-grams need the last n_max - 1 ids
+        out = 0
+        for i, n in enumerate(self.ns):
+            rows = ngram_hash(ids, n, self.buckets)[:, -T:]
+            out = out + self.scale[i] * F.embedding(rows, self.tables[i])
+        return out
+
+
+def ngram_hash(ids, n, buckets):
+    """(B, T) ids -> (B, T) bucket of the n-gram ending at each position: a polynomial hash modulo the
+    prime 2^31 - 1 of its n ids (+1; positions before the start count as 0), then modulo buckets."""
+    T = ids.size(1)
+    padded = F.pad(ids + 1, (n - 1, 0))  # (B, n - 1 + T)
+    h = torch.zeros_like(ids)
+    for j in range(n):  # h < 2^31, so h * 1000003 + id fits in int64
+        h = (h * 1_000_003 + padded[:, j:j + T]) % 2_147_483_647
+    return h % buckets
+
+
 class Block(nn.Module):
-    def __init__(self, config, ffn):
+    def __init__(self, config, ffn, layer_idx=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = make_attention(config, layer_idx)
         self.ln_2 = make_norm(config)
         self.mlp = ffn  # a dense MLP, or whatever GPT.make_ffn returns for this layer (an MoE layer)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -199,11 +397,13 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, self.make_ffn(i)) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, self.make_ffn(i), i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         if config.pos_emb == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.fgram_max_n:
+            self.transformer["fgram"] = FGram(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output head reuses the token embedding (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -231,29 +431,37 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """All parameters; with non_embedding, position embeddings are not counted (token embeddings are
-        counted once because they are tied to the head, which does real work)."""
+        """All parameters; with non_embedding, position and F-gram embeddings (lookups, no FLOPs) are not
+        counted (token embeddings are counted once because they are tied to the head, which does real work)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and "fgram" in self.transformer:
+            n -= sum(t.numel() for t in self.transformer.fgram.tables)
         return n
 
     def num_active_params(self):
         """Parameters that do work for one token. The dense model uses all of them."""
         return self.get_num_params()
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> (logits, loss, extra). loss is the cross-entropy (None without targets);
-        extra is the dict of extra_losses() (empty for the dense model)."""
+        extra is the dict of extra_losses() (empty for the dense model). With a KVCache, idx are the positions
+        after the cached ones, and the cache takes in theirs."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise UserError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise UserError(f"sequence of length {pos + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        if "fgram" in self.transformer:
+            x = x + self.transformer.fgram(idx, cache)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -272,7 +480,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
-            if block.attn.use_rope:
+            if hasattr(block.attn, "rope_cos"):
                 block.attn.rope_cos = block.attn.rope_cos[:block_size]
                 block.attn.rope_sin = block.attn.rope_sin[:block_size]
 
@@ -282,7 +490,8 @@ class GPT(nn.Module):
         rank (the experts' stacked biases are 2-D). Fused where torch has the kernel (CUDA, CPU): it can also
         skip a step on the device (train.py's non-finite check sets optimizer.found_inf, no host sync)."""
         no_decay = {id(p) for m in self.modules() for name, p in m.named_parameters(recurse=False)
-                    if name.endswith("bias") or isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
+                    if name.endswith("bias") or isinstance(m, (nn.LayerNorm, nn.RMSNorm))
+                    or (isinstance(m, FGram) and name == "scale")}
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
@@ -302,12 +511,23 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, kv_cache=True):
         """Yield (B, 1) next-token tensors one by one; idx (B, T) is the conditioning context. vocab_size
-        limits sampling to the tokenizer's ids (GPT-2's 50257 of the model's padded 50304 rows)."""
+        limits sampling to the tokenizer's ids (GPT-2's 50257 of the model's padded 50304 rows).
+        The model sees the last block_size tokens. With kv_cache, the first step fills a KVCache (prefill) and
+        each later step runs only the new token; once the context is longer than block_size, every step
+        re-prefills the last block_size tokens (learned positions shift and each window starts afresh), which
+        computes exactly what kv_cache=False does, at its cost."""
+        block_size = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _, _ = self(idx_cond)
+            if not kv_cache:
+                logits, _, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos >= block_size:  # first step, or the window is full: (re-)prefill
+                cache = KVCache(self.config.n_layer)
+                logits, _, _ = self(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _, _ = self(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :vocab_size] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -317,7 +537,7 @@ class GPT(nn.Module):
             yield idx_next
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, kv_cache=True):
         """Append max_new_tokens sampled tokens to idx (B, T) and return the (B, T + max_new_tokens) result."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, vocab_size))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, vocab_size, kv_cache))
         return torch.cat([idx] + new, dim=1)

@@ -3,10 +3,13 @@ Generate text from a trained checkpoint (dense or MoE; the checkpoint says which
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --out_dir=out-shakespeare-moe --start=FILE:prompt.txt --stream=True
+    python sample.py --out_dir=out-shakespeare-char --bench_context=256     # tokens/s with and without kv cache
 """
 import os
 import signal
+import statistics
 import sys
+import time
 from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
@@ -31,6 +34,8 @@ seed: Valid(min=0, max=MAX_SEED) = 1337
 device = "auto"
 dtype: Valid(choices=DTYPES) = "auto"
 stream = False  # print tokens as they are generated (one sample at a time)
+kv_cache = True  # keep keys/values (MLA: latents) of past tokens instead of re-running the context each token
+bench_context: Valid(min=0) = 0  # > 0: time generation instead: random prompt + max_new_tokens = this many tokens, num_samples runs
 # -----------------------------------------------------------------------------
 KEYS = script_keys(globals())
 
@@ -58,14 +63,17 @@ def main():
 
     torch.manual_seed(cfg.seed)
     model.eval().to(dev)
+    if cfg.bench_context:
+        return bench_generation(model, cfg, dev, dtype, tok.vocab_size)
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
+    gen_args = (cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size, cfg.kv_cache)
     with torch.no_grad(), autocast_context(dev, dtype):
         for _ in range(cfg.num_samples):
             if cfg.stream:
                 # decode everything generated so far and print what is new: a BPE character can span tokens
                 print(start, end="", flush=True)
                 pending = []  # tokens not printed yet: a BPE character can span several
-                for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size):
+                for t in model.generate_stream(x, *gen_args):
                     pending.append(t[0].item())
                     text = tok.decode(pending)
                     if not text.endswith("\ufffd"):  # else wait for the rest of a split character
@@ -75,12 +83,39 @@ def main():
             else:
                 progress = Progress()  # a status line on a terminal, for long generations
                 new = []
-                for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, tok.vocab_size):
+                for t in model.generate_stream(x, *gen_args):
                     new.append(t)
                     progress.update(f"generating: {len(new)}/{cfg.max_new_tokens} tokens")
                 progress.done()
                 print(tok.decode(torch.cat([x] + new, dim=1)[0].tolist()))
             print("---------------")
+
+
+def bench_generation(model, cfg, dev, dtype, vocab_size):
+    """Tokens/s of generating max_new_tokens after a random prompt that brings the context to bench_context,
+    with and without the KV cache (prefill included), median of num_samples runs each."""
+    block_size = model.config.block_size
+    if not cfg.max_new_tokens < cfg.bench_context <= block_size:
+        raise UserError(f"bench_context={cfg.bench_context} must be larger than max_new_tokens="
+                        f"{cfg.max_new_tokens} and at most the model's block_size={block_size}")
+    prompt = torch.randint(vocab_size, (1, cfg.bench_context - cfg.max_new_tokens), device=dev)
+    print(f"{cfg.out_dir}/{cfg.ckpt}: {model.config.attn} attention, context {cfg.bench_context} "
+          f"({prompt.size(1)} prompt + {cfg.max_new_tokens} new tokens), median of {cfg.num_samples} runs")
+    speed = {}
+    for kv_cache in (True, False):
+        times = []
+        for _ in range(cfg.num_samples):
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast_context(dev, dtype):
+                for _ in model.generate_stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, vocab_size,
+                                               kv_cache):
+                    pass
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        speed[kv_cache] = cfg.max_new_tokens / statistics.median(times)
+        print(f"kv_cache={kv_cache!s:5}  {speed[kv_cache]:10,.1f} tokens/s", flush=True)
+    print(f"speed-up with the cache: {speed[True] / speed[False]:.2f}x")
 
 
 if __name__ == "__main__":

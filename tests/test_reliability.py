@@ -573,6 +573,21 @@ BAD_INPUTS = [
     ("n_experts-negative", "train.py", ["--n_experts=-1"], None, ["n_experts=-1", "must be >= 0"]),
     ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["lacks tokenizer", "train it again"]),
     ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature=0.0", "must be > 0"]),
+    # MLA and F-gram settings (the tiny model: n_embd=32, 2 heads of 16)
+    ("mla-kv-latent-wider-than-n_embd", "train.py", ["--attn=mla", "--kv_latent_dim=64", "--d_rope=8"], None,
+     ["kv_latent_dim=64 does not fit", "n_embd=32"]),
+    ("mla-q-latent-wider-than-n_embd", "train.py", ["--attn=mla", "--kv_latent_dim=16", "--q_latent_dim=48",
+                                                    "--d_rope=8"], None, ["q_latent_dim=48 does not fit"]),
+    ("mla-kv-latent-zero", "train.py", ["--attn=mla", "--kv_latent_dim=0"], None, ["kv_latent_dim=0", ">= 1"]),
+    ("mla-d_rope-odd", "train.py", ["--attn=mla", "--kv_latent_dim=16", "--d_rope=3"], None, ["d_rope=3", "even"]),
+    ("mla-d_rope-larger-than-head", "train.py", ["--attn=mla", "--kv_latent_dim=16", "--d_rope=32"], None,
+     ["d_rope=32 is larger than the head size", "=16"]),
+    ("fgram_max_n-one", "train.py", ["--fgram_max_n=1"], None, ["fgram_max_n=1", "start at n=2"]),
+    ("fgram_max_n-negative", "train.py", ["--fgram_max_n=-1"], None, ["fgram_max_n=-1", "must be >= 0"]),
+    ("fgram_buckets-zero", "train.py", ["--fgram_max_n=2", "--fgram_buckets=0"], None,
+     ["fgram_buckets=0", "must be >= 1"]),
+    ("resume-other-attention", "train.py", ["--init_from=resume", "--attn=mla", "--kv_latent_dim=16", "--d_rope=8"],
+     None, ["another model shape", "attn: config 'mla' vs checkpoint 'mha'"]),
 ]
 
 
