@@ -186,15 +186,14 @@ def check_out_dir(out_dir):
 
 
 def open_out_dir(out_dir):
-    """Create out_dir, take its lock, remove the temporary files of saves a kill cut short."""
+    """Create out_dir, take its lock, remove the temporary files of saves a kill cut short. -> the lock: the
+    open .lock file, to be closed when the run is over."""
     os.makedirs(out_dir, exist_ok=True)
-    lock_out_dir(out_dir)
+    lock = lock_out_dir(out_dir)
     for name in os.listdir(out_dir):
         if name.startswith(".tmp-"):
             os.remove(os.path.join(out_dir, name))
-
-
-_held_locks = []
+    return lock
 
 
 def lock_out_dir(out_dir):
@@ -203,7 +202,7 @@ def lock_out_dir(out_dir):
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs there are not guarded
-        return
+        return None
     f = open(os.path.join(out_dir, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -217,4 +216,4 @@ def lock_out_dir(out_dir):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    _held_locks.append(f)  # kept open, and so locked, until the process exits
+    return f  # locked while it is open (and so at most until the process ends)

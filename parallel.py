@@ -45,10 +45,13 @@ def join(proc, backend="auto"):
                                 ("nccl" if proc.device_type == "cuda" else "gloo"))
 
 
-def finish(proc):
+def finish(proc, lock=None):
+    """The run is over: leave the process group (every rank together), release out_dir's lock (rank 0)."""
     if proc.ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
 
 
 def _reduce_device(proc):

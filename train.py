@@ -110,9 +110,9 @@ def main():
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if proc.master:
         describe_run(raw_model, cfg, proc, tokens_per_iter)
-    metrics = None
+    metrics, lock = None, None
     if proc.master:
-        open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
+        lock = open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
         mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
         metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
@@ -123,7 +123,7 @@ def main():
 
     if cfg.eval_only:
         evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
-        finish(proc)
+        finish(proc, lock)
         return
     stop_requested = install_stop_handlers(proc.master)
     peak = gpu_peak_flops(proc.device, cfg.peak_flops)
@@ -207,7 +207,7 @@ def main():
             improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
                 save(run, "eval", iter_num, best_val_loss, optimizer, scaler, batch_state, improved)
-    finish(proc)
+    finish(proc, lock)
 
 
 # -----------------------------------------------------------------------------
