@@ -87,7 +87,7 @@ class MoEConfig(GPTConfig):
             raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
         if self.moe_renorm and self.moe_top_k == 1:
             raise UserError("moe_renorm=True with moe_top_k=1 makes every gate 1.0, so the router would learn nothing "
-                            "from the cross-entropy; leave moe_renorm unset (it renormalises only when k > 1)")
+                            "from the cross-entropy; leave moe_renorm unset or None (it renormalises only when k > 1)")
         if self.balance_scope == "global" and self.balance_mode != "aux":
             raise UserError(f"balance_scope='global' counts the balance loss over the step, but "
                             f"balance_mode={self.balance_mode!r} adds no balance loss; use balance_mode='aux'")

@@ -8,8 +8,8 @@ Several GPUs or nodes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
 The model is an MoEGPT when the config asks for experts (n_experts > 0), a dense GPT otherwise. The loss
-optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z;
-the log shows each part (`loss` is always the cross-entropy).
+optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z
+(the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
 """
 import math
 import os

@@ -272,7 +272,8 @@ def test_aux_free_bias_changes_choice_but_not_gate_weights(score):
     with torch.no_grad():
         layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))  # expert 3 is now everyone's choice
     logits2_TE, _, expert_TK, weight_TK = layer.route(x_TD)
-    assert torch.equal(logits_TE, logits2_TE) and (expert_TK == 3).any(-1).all() and not torch.equal(before_TK, expert_TK)
+    assert torch.equal(logits_TE, logits2_TE) and (expert_TK == 3).any(-1).all()
+    assert not torch.equal(before_TK, expert_TK)
     # the gates are the unbiased scores of the chosen experts, renormalised over the two
     scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
     chosen = scores_TE.gather(-1, expert_TK)
