@@ -422,6 +422,13 @@ class GPT(nn.Module):
         cross-entropy by the training loop."""
         return {}
 
+    def start_step(self, batches, ctx, proc):
+        """Called by train.py before each optimizer step's first micro-step (batches: that step's micro-batches
+        on this process, read only if needed). The dense model needs nothing; see MoEGPT."""
+
+    def end_step(self, expert_load, skipped, proc):
+        """Called by train.py after each optimizer step. The dense model needs nothing; see MoEGPT."""
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -4,12 +4,23 @@ feed-forward block (a router + n_experts expert MLPs) instead of the dense MLP, 
 extra losses that keep the router healthy:
 
 - balance loss (Switch Transformer), per MoE layer:  E * sum_i f_i * P_i
-    f_i = fraction of the layer's top-k assignments that go to expert i   (sum_i f_i = 1)
-    P_i = mean over tokens of the full softmax probability of expert i    (before any top-k renormalising)
-  It is 1.0 when routing is perfectly balanced and E when every token goes to one expert. We average it
-  over MoE layers (instead of pooling all layers' counts) so one layer's imbalance cannot hide another's.
+    f_i = fraction of the layer's T*k top-k assignments that go to expert i   (sum_i f_i = 1)
+    P_i = mean over tokens of the score distribution of expert i: the full softmax (before any top-k
+          renormalising), or with sigmoid scores each token's scores divided by their sum
+  It is 1.0 when routing is perfectly balanced and at most E/k when it collapses onto k experts (E for top-1).
+  We average it over MoE layers (instead of pooling all layers' counts) so one layer's imbalance cannot hide
+  another's. Hugging Face's Mixtral/Qwen-MoE load_balancing_loss_func counts f per top-k slot: for one layer
+  its number is k times ours (ours = theirs / k, and it pools the layers), so to port a weight multiply it by k.
+  balance_scope='global' (Qwen 2025) counts f over the whole optimizer step (every micro-step, every rank):
+  MoEGPT.start_step routes the step's micro-batches once without gradients before the first backward, so
+  each micro-step's loss E * sum_i f_i(step) * P_i(micro-batch) sums to the loss of the concatenated batch.
 - router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, averaged over MoE layers; it
   keeps the logits small, which keeps the float32 softmax well conditioned.
+
+balance_mode='aux' adds balance_loss_weight * balance to the loss; 'aux_free' (DeepSeek-V3) instead adds a
+per-expert bias to the scores used to *choose* the top-k (the gate weights come from the unbiased scores)
+and, after each optimizer step, moves it by bias_update_rate towards balance (MoEGPT.end_step); 'none' does
+neither. The balance number is computed and logged in every mode, so runs compare.
 
 The file reads top-down: the config, the MoE block (route -> experts -> combine -> stats), the router, the
 experts, the model. Expert weights are stacked into (E, ...) tensors and two implementations read them:
@@ -21,8 +32,8 @@ experts, the model. Expert weights are stacked into (E, ...) tensors and two imp
 
 MoEGPT.from_dense turns a dense GPT into an MoEGPT by sparse upcycling (Komatsuzaki et al. 2022): every MoE
 layer's experts start as copies of the dense MLP they replace and the router starts small and random. With
-moe_renorm the top-k weights sum to 1, so the upcycled model computes exactly the dense model's function at
-the start of training.
+k > 1 the renormalised top-k weights sum to 1, so the upcycled model computes exactly the dense model's
+function at the start of training (with top-1 the gate is the router's probability, so it does not).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from configurator import setting
+from parallel import mean_over_ranks
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
 from moe_grouped import compute_dtype, grouped_experts, grouped_kernel_available
 
@@ -45,13 +57,22 @@ class MoEConfig(GPTConfig):
                                 "second", min=1)
     expert_hidden: int | None = setting(None, "hidden size of each expert (None = the dense MLP's)", min=1)
     n_shared_experts: int = setting(0, "always-on experts every token goes through (DeepSeekMoE)", min=0)
-    balance_loss_weight: float = setting(0.01, "weight of the balance loss", runtime=True, min=0)
+    balance_loss_weight: float = setting(0.01, "weight of the balance loss (= Hugging Face's * moe_top_k)",
+                                         runtime=True, min=0)
+    balance_mode: str = setting("aux", "'aux' (balance loss), 'aux_free' (DeepSeek-V3 bias on the choice) or "
+                                       "'none'", choices=("aux", "aux_free", "none"))
+    balance_scope: str = setting("micro", "balance loss f counted per 'micro'-batch or over the 'global' step "
+                                          "(all micro-steps and ranks)", runtime=True, choices=("micro", "global"))
+    bias_update_rate: float = setting(1e-3, "aux_free: bias step per optimizer step", runtime=True, min=0)
+    router_score: str = setting("softmax", "'softmax' or 'sigmoid' (DeepSeek-V3) expert scores",
+                                choices=("softmax", "sigmoid"))
     z_loss_weight: float = setting(0.001, "weight of the router z-loss", runtime=True, min=0)
     capacity_factor: float = setting(0.0, "0 = dropless; > 0: an expert serves at most ceil(k*T/E * factor) "
                                           "tokens", runtime=True, min=0)
     # with top-1, renormalising makes the gate always 1.0, so the router would learn only from the balance and
-    # z losses: top-1 configs set it False
-    moe_renorm: bool = setting(True, "renormalise the top-k routing weights to sum to 1", runtime=True)
+    # z losses: None renormalises only when k > 1, and True with k = 1 is refused
+    moe_renorm: bool | None = setting(None, "renormalise the top-k routing weights to sum to 1 (None = when "
+                                            "moe_top_k > 1)", runtime=True)
     router_jitter: float = setting(0.0, "training only: multiply router inputs by U(1-eps, 1+eps) (Switch)",
                                    runtime=True, min=0, below=1)
     moe_impl: str = setting("auto", "'loop' (reference), 'grouped' (fast), 'auto' = grouped where the grouped "
@@ -64,6 +85,18 @@ class MoEConfig(GPTConfig):
                             f"(n_experts=0 is a dense GPT: build_model makes one)")
         if self.moe_top_k > self.n_experts:
             raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.moe_renorm and self.moe_top_k == 1:
+            raise UserError("moe_renorm=True with moe_top_k=1 makes every gate 1.0, so the router would learn nothing "
+                            "from the cross-entropy; leave moe_renorm unset or None (it renormalises only when k > 1)")
+        if self.balance_scope == "global" and self.balance_mode != "aux":
+            raise UserError(f"balance_scope='global' counts the balance loss over the step, but "
+                            f"balance_mode={self.balance_mode!r} adds no balance loss; use balance_mode='aux'")
+        if self.balance_scope == "global" and (self.dropout > 0 or self.router_jitter > 0):
+            raise UserError(f"balance_scope='global' needs dropout=0 and router_jitter=0 (got {self.dropout} and "
+                            f"{self.router_jitter}): its counting pass must route exactly like the training pass")
+
+    def renormalises(self):
+        return self.moe_renorm if self.moe_renorm is not None else self.moe_top_k > 1
 
     def is_moe_layer(self, layer_idx):
         return (layer_idx + 1) % self.moe_every == 0
@@ -87,6 +120,11 @@ class MoE(nn.Module):
             # the MoE block applies dropout once, to the sum
             self.shared = MLP(config, hidden=config.hidden() * config.n_shared_experts, dropout=False)
         self.dropout = nn.Dropout(config.dropout)
+        # aux-loss-free balancing: a per-expert bias on the scores that choose the top-k. A buffer (saved in
+        # checkpoints, never seen by the optimizer), moved by MoEGPT.end_step after each optimizer step
+        self.register_buffer("expert_bias", torch.zeros(config.n_experts) if config.balance_mode == "aux_free"
+                             else None)
+        self.global_load = None  # balance_scope='global': f of the whole step (E,), set by MoEGPT.start_step
         self.stats = {}
 
     def forward(self, x):
@@ -110,22 +148,35 @@ class MoE(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
-        # stats. Balance loss: f from the (non-differentiable) choices, P from the full softmax (carries the
-        # gradient)
+        # stats. Balance loss: f from the (non-differentiable) choices, P from the score distribution (carries
+        # the gradient). With balance_scope='global' the loss takes f of the whole step, the log this batch's
         E = self.config.n_experts
         f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
         P_E = probs_TE.mean(dim=0)
-        self.stats = {"balance": E * (f_E * P_E).sum(),
+        balance = E * (f_E * P_E).sum()
+        if self.training and self.global_load is not None:
+            balance_loss = E * (self.global_load * P_E).sum()
+        else:
+            balance_loss = balance
+        self.stats = {"balance": balance, "balance_loss": balance_loss,
                       "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
                       "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
         return self.dropout(y_TD.view(B, T, D))
 
     def route(self, x_TD):
-        """-> logits (T, E) fp32, probs (T, E), chosen experts (T, K), routing weights (T, K) fp32."""
+        """-> logits (T, E) fp32, probs (T, E) (each token's scores as a distribution), chosen experts (T, K),
+        routing weights (T, K) fp32."""
         logits_TE = self.router(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, expert_TK = probs_TE.topk(self.config.moe_top_k, dim=-1)
-        if self.config.moe_renorm:
+        if self.config.router_score == "sigmoid":
+            scores_TE = logits_TE.sigmoid()  # each expert scored on its own (DeepSeek-V3)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        else:
+            scores_TE = probs_TE = logits_TE.softmax(dim=-1)
+        # aux-free balancing: the bias decides which experts are chosen, never how much their outputs weigh
+        choice_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
+        expert_TK = choice_TE.topk(self.config.moe_top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(-1, expert_TK)
+        if self.config.renormalises():
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         return logits_TE, probs_TE, expert_TK, weight_TK
 
@@ -217,10 +268,45 @@ class MoEGPT(GPT):
             return {}
         balance = torch.stack([s["balance"] for s in stats]).mean()
         z = torch.stack([s["z"] for s in stats]).mean()
-        return {"aux_loss": self.config.balance_loss_weight * balance + self.config.z_loss_weight * z,
-                "balance": balance, "z": z,
+        aux_loss = self.config.z_loss_weight * z
+        if self.config.balance_mode == "aux":  # scope 'global': f of the whole step (the logged balance: this batch's)
+            balance_loss = torch.stack([s["balance_loss"] for s in stats]).mean()
+            aux_loss = aux_loss + self.config.balance_loss_weight * balance_loss
+        return {"aux_loss": aux_loss, "balance": balance, "z": z,
                 "expert_load": torch.stack([s["expert_load"] for s in stats]),
                 "dropped": torch.stack([s["dropped"] for s in stats])}
+
+    def start_step(self, batches, ctx, proc):
+        """Called before an optimizer step's first micro-step with an iterable of the step's (x, y) micro-batches
+        on this process. balance_scope='global': route them all once without gradients (eval mode routes like
+        training, as dropout = router_jitter = 0 there), average the load over processes, and give each layer f of
+        the whole step for its balance loss. Other modes do not read `batches`."""
+        if self.config.balance_mode != "aux" or self.config.balance_scope != "global":
+            return
+        was_training = self.training
+        self.eval()
+        with torch.no_grad(), ctx:
+            loads = [self(x)[2]["expert_load"] for x, _ in batches]  # each (L_moe, E)
+        self.train(was_training)
+        load_LE = mean_over_ranks({"load": torch.stack(loads).mean(0)}, proc)["load"]  # equal batches: the mean
+        for layer, f_E in zip(self.moe_layers(), load_LE.to(loads[0].device)):
+            layer.global_load = f_E
+
+    @torch.no_grad()
+    def end_step(self, expert_load, skipped, proc):
+        """Called after the optimizer step with this process's expert load (L_moe, E) averaged over the step's
+        micro-steps and `skipped` (a bool tensor: the update was skipped). balance_mode='aux_free': every layer's
+        bias moves by bias_update_rate towards balance, sign(mean load - load), from the load of the whole step
+        over all processes (all-reduced, so every rank holds the same bias); a skipped step changes nothing."""
+        for layer in self.moe_layers():
+            layer.global_load = None
+        if self.config.balance_mode != "aux_free":
+            return
+        load_LE = mean_over_ranks({"load": expert_load.float()}, proc)["load"].to(expert_load.device)
+        keep = (~skipped).float() if isinstance(skipped, torch.Tensor) else float(not skipped)
+        for layer, f_E in zip(self.moe_layers(), load_LE):
+            bias = layer.expert_bias
+            bias.add_(self.config.bias_update_rate * torch.sign(f_E.mean() - f_E).to(bias.device) * keep)
 
     def num_active_params(self):
         """A token goes through k of the E experts of each MoE layer: the other E - k do no work for it."""
@@ -262,8 +348,22 @@ class MoEGPT(GPT):
                 sd[name] = dense_sd[prefix + ".mlp." + copy_of[leaf]].unsqueeze(0).expand_as(p).clone()
             elif leaf == "router.weight":
                 sd[name] = torch.randn_like(p) * router_std
+            elif leaf == "expert_bias":
+                sd[name] = torch.zeros_like(p)
             else:
                 raise RuntimeError(f"upcycling has no rule for the MoE parameter {name}; teach MoEGPT.from_dense "
                                    f"about it")
         moe.load_state_dict(sd)
         return moe
+
+
+def load_stats(expert_load_LE):
+    """One eval's expert-load summary from the per-layer load f (L_moe, E), each row summing to 1. Loads are
+    relative to balanced (f * E: 1 = an even share): load_max / load_min are the extremes over all layers and
+    experts, load_cv the coefficient of variation (std / mean) of each layer's load averaged over layers, and
+    dead_experts the share of (layer, expert) pairs with f < 1/(4E)."""
+    load = torch.as_tensor(expert_load_LE).float()
+    E = load.size(-1)
+    rel = load * E
+    return {"load_max": rel.max(), "load_min": rel.min(), "load_cv": rel.std(dim=-1, unbiased=False).mean(),
+            "dead_experts": (load < 1 / (4 * E)).float().mean()}

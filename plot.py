@@ -13,7 +13,7 @@ Two files come out:
 - runs_experts.png, for MoE runs only, one row per run: a heatmap of the expert load at the last eval
   (MoE layers x experts; colour = share of the layer's routing assignments that went to the expert, 1/E is
   perfectly balanced) and the load imbalance of each layer over the evals (max load x E: 1 = balanced,
-  E = every token goes to one expert).
+  E/k = every token goes to the same k experts).
 metrics.jsonl may be read while a run writes it: an unfinished last line is skipped.
 """
 import os

@@ -4,6 +4,8 @@ Turn text into train.bin / val.bin / meta.json under data/<name>/, the files tra
     python prepare.py shakespeare_char              # tiny-shakespeare, one token per character (65)
     python prepare.py shakespeare                   # the same text, GPT-2 BPE (50257)
     python prepare.py text --input notes/ --name notes --tokenizer char
+    python prepare.py text --input /usr/lib/python3.12 --name pystdlib --glob '*.py' --exclude site-packages \
+        --max_chars 20000000                        # the Python standard library's own source
 
 train.bin and val.bin are the token ids as a raw numpy array (uint16, or uint32 for vocabularies over
 65536), so train.py can np.memmap them. The first (1 - val_fraction) of the tokens is train, the rest val;
@@ -11,6 +13,7 @@ for a char tokenizer that is the same cut as splitting the text on characters, l
 Every output is written with common.atomic_write (a temp name, then a rename at the end), so a failed run
 leaves the previous good files as they were and no temp files behind.
 """
+import fnmatch
 import json
 import os
 import re
@@ -37,6 +40,12 @@ def parse_args(argv):
     p.add_argument("--input", help="text file (or, for 'text', a folder read recursively) instead of downloading")
     p.add_argument("--name", help="text only: output folder name (default: the input's name without extension)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="text only: char (default) or gpt2")
+    p.add_argument("--glob", action="append", default=None, metavar="PATTERN",
+                   help="text folder only: read the files whose name matches (e.g. '*.py'); repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                   help="text folder only: skip folders with this name (e.g. site-packages); repeatable")
+    p.add_argument("--max_chars", type=int, default=None,
+                   help="text only: read at most this many characters (files in path order, the last one cut)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of tokens held out for val (default 0.1)")
     p.add_argument("--data_root", default="data", help="where dataset folders go (default: data)")
     p.add_argument("--url", default=SHAKESPEARE_URL, help="shakespeare*: where to download input.txt from")
@@ -51,12 +60,14 @@ def parse_args(argv):
         raise UserError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     if args.retries < 0:
         raise UserError(f"--retries must be 0 or more, got {args.retries}")
+    if args.max_chars is not None and args.max_chars < 1:
+        raise UserError(f"--max_chars must be at least 1, got {args.max_chars}")
     if args.dataset == "text":
         if args.input is None:
             raise UserError("the text dataset needs --input PATH (a text file or a folder of them)")
     else:
-        for opt in ("name", "tokenizer"):
-            if getattr(args, opt) is not None:
+        for opt in ("name", "tokenizer", "glob", "max_chars", "exclude"):
+            if getattr(args, opt) not in (None, []):
                 raise UserError(f"--{opt} is only for the text dataset "
                                 f"(use: python prepare.py text --input PATH --{opt} ...)")
     return args
@@ -168,18 +179,33 @@ def read_text(path):
         return None
 
 
-def list_files(folder, skip_dir):
-    """Every file under folder, sorted by path, leaving out hidden files and folders (.git, .venv, ...)
-    and the output folder itself (when preparing a folder that contains data/)."""
+def list_files(folder, skip_dir, globs=None, exclude=()):
+    """Every file under folder, sorted by path, leaving out hidden files and folders (.git, .venv, ...),
+    the output folder itself (when preparing a folder that contains data/) and folders named in exclude;
+    with globs, only files whose name matches one of them."""
     paths = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in exclude
                    and os.path.realpath(os.path.join(root, d)) != os.path.realpath(skip_dir)]
-        paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+        paths += [os.path.join(root, f) for f in files if not f.startswith(".")
+                  and (globs is None or any(fnmatch.fnmatch(f, g) for g in globs))]
     return sorted(paths)
 
 
-def read_documents(path, out_dir):
+def cap_chars(docs, max_chars):
+    """The documents, in order, up to max_chars characters in all (the last one cut); all of them for None."""
+    if max_chars is None:
+        return docs
+    out, total = [], 0
+    for d in docs:
+        if total >= max_chars:
+            break
+        out.append(d[:max_chars - total])
+        total += len(out[-1])
+    return out
+
+
+def read_documents(path, out_dir, globs=None, exclude=()):
     """The input as a list of texts: one for a file, one per readable text file for a folder."""
     if os.path.isfile(path):
         try:
@@ -191,7 +217,7 @@ def read_documents(path, out_dir):
         return [text]
     if not os.path.isdir(path):
         raise UserError(f"input not found: {path} (give a text file or a folder of text files)")
-    paths = list_files(path, out_dir)
+    paths = list_files(path, out_dir, globs, exclude)
     docs, skipped, progress = [], 0, Progress()
     for i, p in enumerate(paths):
         try:
@@ -304,7 +330,9 @@ def main(argv=None):
         path, source = args.input, args.input
     else:
         path, source = shakespeare_input(args, out_dir)
-    docs = read_documents(path, out_dir)
+    docs = read_documents(path, out_dir, args.glob, args.exclude) if args.dataset == "text" \
+        else read_documents(path, out_dir)
+    docs = cap_chars(docs, args.max_chars)
     if not any(docs):
         raise UserError(f"no text found in {path} (it has no non-empty UTF-8 text files)")
 

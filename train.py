@@ -8,8 +8,8 @@ Several GPUs or nodes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
 The model is an MoEGPT when the config asks for experts (n_experts > 0), a dense GPT otherwise. The loss
-optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z;
-the log shows each part (`loss` is always the cross-entropy).
+optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z
+(the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
 """
 import math
 import os
@@ -34,7 +34,9 @@ from configurator import Valid, parse_args, script_keys
 from hf_interop import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
-from parallel import BACKENDS, any_rank, install_stop_handlers, finish, gather_objects, join, mean_over_ranks, setup_processes
+from moe_model import load_stats
+from parallel import (BACKENDS, any_rank, finish, gather_objects, install_stop_handlers, join, mean_over_ranks,
+                      setup_processes)
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
@@ -143,6 +145,9 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
 
+        # MoE routing hooks (moe_model.py): balance_scope='global' routes this step's batches (replayed from
+        # batch_state) before the first backward; aux_free moves the expert biases after the step
+        raw_model.start_step(step_batches(data, cfg, batch_state, accum_steps, proc.device), ctx, proc)
         sums = {}
         for micro_step in range(accum_steps):
             # under DDP gradients are all-reduced only on the last micro-step
@@ -171,6 +176,7 @@ def main():
         step_unless(bad, optimizer, scaler)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        raw_model.end_step(sums.get("expert_load"), bad, proc)
         nonfinite.pending.append((iter_num, bad))
 
         t1 = time.time()
@@ -334,6 +340,14 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def step_batches(data, cfg, batch_state, n, device):
+    """The n micro-batches of the step whose batches start at batch_state, drawn again from a copy of the
+    generator (lazily: nothing is drawn unless the model asks)."""
+    gen = torch.Generator()
+    gen.set_state(batch_state)
+    return (data.get_batch("train", cfg.batch_size, gen, device) for _ in range(n))
+
+
 def step_unless(bad, optimizer, scaler):
     """optimizer.step() unless `bad` (a bool tensor on the device) is True, and then exactly as if the step
     never happened: parameters, Adam's moments and its step count unchanged. A fused AdamW takes the flag as
@@ -418,6 +432,8 @@ def evaluate(run):
 def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
     """Evaluate, print, record; -> (whether val loss improved, the new best val loss)."""
     ev = evaluate(run)
+    if "val_expert_load" in ev:  # max/min load, load CV, dead experts (moe_model.load_stats)
+        ev.update({f"val_{k}": v for k, v in load_stats(ev["val_expert_load"]).items()})
     val_loss = float(ev["val_loss"])
     improved = val_loss < best_val_loss
     best_val_loss = min(best_val_loss, val_loss)

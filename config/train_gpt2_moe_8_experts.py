@@ -7,6 +7,4 @@ out_dir = "out-gpt2-moe-8_experts"
 wandb_run_name = "gpt2-moe-8_experts"
 n_experts = 8
 moe_top_k = 1
-# top-1 keeps the raw router probability as the gate (Switch): renormalised, it would always be 1.0 and
-# the router would get no gradient from the cross-entropy
-moe_renorm = False
+# top-1 keeps the raw router probability as the gate (Switch): moe_renorm's default renormalises only when k > 1

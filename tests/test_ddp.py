@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,12 +70,21 @@ def moe_run(runs_dir, shakespeare_data):
     return train_2ranks(runs_dir, shakespeare_data, "moe", MOE_SPARSE)
 
 
+@pytest.fixture(scope="module")
+def moe_global_run(runs_dir, shakespeare_data):
+    # top-2 of 4: the global-batch balance loss with a weight that makes its gradient visible
+    return train_2ranks(runs_dir, shakespeare_data, "moe_global",
+                        ["--n_experts=4", "--moe_top_k=2", "--block_size=8", "--batch_size=2",
+                         "--gradient_accumulation_steps=4", "--balance_scope=global", "--balance_loss_weight=1.0"])
+
+
 def reference_steps(ckpt, world_size, steps):
     """One process doing what the 2-rank run did, on the union of the ranks' batches: the same initial weights
     (train.py seeds with `seed` before building the model), each rank's micro-batches from its generator
     (seeded seed + rank) as micro-steps of this process, each micro-step's loss / gradient_accumulation_steps,
-    then clip and AdamW. The MoE balance loss and z-loss are per micro-batch here as there, so they need not be
-    turned off for the equivalence to be exact."""
+    then clip and AdamW. The MoE balance loss and z-loss are per micro-batch here as there (or, with
+    balance_scope='global', per step over both ranks' batches), so they need not be turned off for the
+    equivalence to be exact."""
     c = ckpt["config"]
     torch.manual_seed(c["seed"])
     model = build_model(ckpt["model_args"])
@@ -81,21 +92,27 @@ def reference_steps(ckpt, world_size, steps):
     data = TokenData(c["data_root"], c["dataset"], ckpt["model_args"]["block_size"])
     gens = [torch.Generator().manual_seed(c["seed"] + rank) for rank in range(world_size)]
     accum = c["gradient_accumulation_steps"]
+    one_process = SimpleNamespace(ddp=False)
     losses, loads = [], []
     for _ in range(steps):
-        step_losses = []
-        for gen in gens:  # rank 0's micro-batches, then rank 1's
-            for _ in range(accum // world_size):
-                x, y = data.get_batch("train", c["batch_size"], gen, "cpu")
-                _, loss, extra = model(x, y)
-                ((loss + extra.get("aux_loss", 0)) / accum).backward()
-                step_losses.append(loss.item())
-                if "expert_load" in extra:
-                    loads.append(extra["expert_load"])
+        # rank 0's micro-batches, then rank 1's; the MoE step hooks see them all (balance_scope='global': f of
+        # the whole step; aux_free: the step's mean load)
+        batches = [data.get_batch("train", c["batch_size"], gen, "cpu") for gen in gens
+                   for _ in range(accum // world_size)]
+        model.start_step(batches, nullcontext(), one_process)
+        step_losses, step_loads = [], []
+        for x, y in batches:
+            _, loss, extra = model(x, y)
+            ((loss + extra.get("aux_loss", 0)) / accum).backward()
+            step_losses.append(loss.item())
+            if "expert_load" in extra:
+                step_loads.append(extra["expert_load"])
         torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.end_step(torch.stack(step_loads).mean(0) if step_loads else None, torch.tensor(False), one_process)
         losses.append(sum(step_losses) / len(step_losses))
+        loads += step_loads
     return model, optimizer, losses, loads
 
 
@@ -149,6 +166,37 @@ def test_moe_experts_without_tokens_still_sync(moe_run):
     assert loads and all((load == 0).any(dim=-1).all() for load in loads)
     train = records(out, "train")
     assert len(train[-1]["expert_load"]) == 2 and len(train[-1]["expert_load"][0]) == 16
+
+
+def test_global_balance_loss_two_ranks_equal_one_process_on_both_batches(moe_global_run):
+    # f counted over all 4 micro-batches of both ranks (all-reduced), P per micro-batch: the same gradient as one
+    # process computing the balance loss over the union of the batches
+    out, r = moe_global_run
+    assert_ok(r)
+    assert load_checkpoint(out / "ckpt.pt")["config"]["gradient_accumulation_steps"] == 4
+    assert_same_as_one_process(out)
+
+
+def _aux_free_rank(rank, init_file, results):
+    import torch.distributed as dist
+    from moe_model import MoEConfig, MoEGPT
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = MoEGPT(MoEConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8, n_experts=4,
+                             balance_mode="aux_free", bias_update_rate=0.1))
+    # each rank saw different tokens: rank 0's load leans to expert 0, rank 1's to expert 3
+    load = torch.tensor([[0.4, 0.3, 0.2, 0.1]]) if rank == 0 else torch.tensor([[0.1, 0.15, 0.25, 0.5]])
+    model.end_step(load, torch.tensor(False), SimpleNamespace(ddp=True, device_type="cpu", world_size=2))
+    results[rank] = model.moe_layers()[0].expert_bias.tolist()
+    dist.destroy_process_group()
+
+
+def test_aux_free_bias_is_the_same_on_every_rank(tmp_path):
+    # the bias moves by the load of both ranks together (all-reduced): mean load [0.25, 0.225, 0.225, 0.3]
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_aux_free_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == results[1] == pytest.approx([0.0, 0.1, 0.1, -0.1])
 
 
 def test_resume_two_ranks(dense_run, shakespeare_data, tmp_path):

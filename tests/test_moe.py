@@ -8,14 +8,17 @@ same direct computations.
 """
 import re
 import shutil
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from common import UserError
 from conftest import read_metrics, run, train_args
 from model import MLP
-from moe_model import MoE, MoEConfig, MoEGPT
+from moe_model import MoE, MoEConfig, MoEGPT, load_stats
 
 TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0,
             n_experts=4, moe_top_k=2, expert_hidden=64)
@@ -97,7 +100,8 @@ def test_topk_output_balance_and_z_against_direct_computation(impl, k):
     with torch.no_grad():
         y_TD = layer(x).view(-1, 32)
     x_TD = x.view(-1, 32)
-    logits_TE, probs_TE, top_TK, w_TK = direct_routing(x_TD, layer.router.weight.detach(), k)
+    # the default renormalises the chosen weights only when k > 1
+    logits_TE, probs_TE, top_TK, w_TK = direct_routing(x_TD, layer.router.weight.detach(), k, renorm=k > 1)
     E, T = 4, len(x_TD)
     with torch.no_grad():
         expected = torch.stack([sum(w * layer.experts.expert_mlp(e, x_TD[t:t + 1])[0]
@@ -140,15 +144,19 @@ def test_balance_is_one_when_routing_is_uniform(k):
     assert layer.stats["balance"].item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_balance_is_E_when_all_tokens_go_to_one_expert():
-    layer = moe_layer(moe_top_k=1)
+@pytest.mark.parametrize("k", [1, 2])
+def test_balance_is_E_over_k_when_routing_collapses(k):
+    # collapsed top-k routing sends every token to the same k experts: f = 1/k on each, and the balance loss
+    # reads E/k (4 for top-1, 2 for top-2), not E
+    layer = moe_layer(moe_top_k=k)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[2].fill_(1.0)  # expert 2's logit is 50 x (sum of the token's features)
+        layer.router.weight[1].fill_(0.5)  # and expert 1 second, far above the others
         x = torch.rand(1, 12, 32) + 1.0  # every token has a feature sum > 32
         layer(x)
-    assert layer.stats["expert_load"].tolist() == [0.0, 0.0, 1.0, 0.0]
-    assert layer.stats["balance"].item() == pytest.approx(4.0, rel=1e-6)
+    assert layer.stats["expert_load"].tolist() == ([0.0, 0.0, 1.0, 0.0] if k == 1 else [0.0, 0.5, 0.5, 0.0])
+    assert layer.stats["balance"].item() == pytest.approx(4.0 / k, rel=1e-4)
 
 
 def test_balance_averages_layers_instead_of_pooling():
@@ -222,17 +230,143 @@ def test_router_gets_gradients_from_cross_entropy_and_from_balance_loss():
     assert model.moe_layers()[-1].experts.c_fc.grad is None  # the balance loss is about routing only
 
 
-def test_top1_router_learns_from_cross_entropy_only_without_renorm():
-    # renormalised, a single routing weight is p/p = 1: the CE cannot reach the router, so the top-1
-    # configs set moe_renorm=False (Switch's gate is the raw probability)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_learns_from_cross_entropy_by_default(k, score):
+    # renormalised, a single routing weight is p/p = 1 and the CE cannot reach the router: by default
+    # (moe_renorm=None) top-1 keeps the raw score as its gate (Switch) and top-k > 1 renormalises
     idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
-    grads = {}
-    for renorm in (True, False):
-        model = tiny_moe_gpt(moe_top_k=1, moe_renorm=renorm)
-        _, ce, _ = model(idx, idx)
-        ce.backward()
-        grads[renorm] = sum(layer.router.weight.grad.abs().sum().item() for layer in model.moe_layers())
-    assert grads[True] < 1e-6 < grads[False]
+    model = tiny_moe_gpt(moe_top_k=k, router_score=score, balance_loss_weight=0.0, z_loss_weight=0.0)
+    _, ce, _ = model(idx, idx)
+    ce.backward()
+    for layer in model.moe_layers():
+        assert layer.router.weight.grad.abs().sum() > 1e-6
+
+
+def test_top1_with_renorm_is_refused():
+    with pytest.raises(UserError, match="moe_renorm=True with moe_top_k=1 .* learn nothing"):
+        tiny_moe_gpt(moe_top_k=1, moe_renorm=True)
+
+
+def test_sigmoid_gates_are_normalised_over_the_chosen_experts():
+    layer = moe_layer(moe_top_k=2, router_score="sigmoid")
+    x_TD = torch.randn(10, 32)
+    logits_TE, probs_TE, expert_TK, weight_TK = layer.route(x_TD)
+    scores_TE = logits_TE.sigmoid()
+    assert torch.equal(expert_TK, scores_TE.topk(2).indices)
+    chosen = scores_TE.gather(-1, expert_TK)
+    torch.testing.assert_close(weight_TK, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(probs_TE, scores_TE / scores_TE.sum(-1, keepdim=True))  # P for the balance loss
+
+
+# ---------------------------------------------------------------- balancing: aux-free bias, global-batch loss
+
+ONE_PROCESS = SimpleNamespace(ddp=False)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_aux_free_bias_changes_choice_but_not_gate_weights(score):
+    layer = moe_layer(moe_top_k=2, balance_mode="aux_free", router_score=score)
+    x_TD = torch.randn(20, 32)
+    logits_TE, _, before_TK, weight_before_TK = layer.route(x_TD)
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))  # expert 3 is now everyone's choice
+    logits2_TE, _, expert_TK, weight_TK = layer.route(x_TD)
+    assert torch.equal(logits_TE, logits2_TE) and (expert_TK == 3).any(-1).all()
+    assert not torch.equal(before_TK, expert_TK)
+    # the gates are the unbiased scores of the chosen experts, renormalised over the two
+    scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    chosen = scores_TE.gather(-1, expert_TK)
+    torch.testing.assert_close(weight_TK, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_aux_free_bias_is_a_buffer_the_optimizer_never_sees():
+    model = tiny_moe_gpt(balance_mode="aux_free")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    biases = [layer.expert_bias for layer in model.moe_layers()]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(b) in in_optimizer for b in biases) and not any(b.requires_grad for b in biases)
+    assert "transformer.h.0.mlp.expert_bias" in model.state_dict()  # saved in checkpoints
+    assert "transformer.h.0.mlp.expert_bias" not in tiny_moe_gpt().state_dict()  # only where it is used
+
+
+def test_expert_biases_get_no_weight_decay():
+    model = tiny_moe_gpt()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for layer in model.moe_layers():
+        assert id(layer.experts.c_fc_bias) in no_decay and id(layer.experts.c_proj_bias) in no_decay
+        assert id(layer.experts.c_fc) not in no_decay and id(layer.router.weight) not in no_decay
+
+
+def test_aux_free_update_moves_load_toward_balance():
+    # a router that sends most tokens to expert 0: each step the bias rises for the underloaded experts and
+    # falls for the overloaded ones by exactly bias_update_rate, until the load evens out
+    model = tiny_moe_gpt(balance_mode="aux_free", bias_update_rate=0.005, moe_top_k=1)
+    for layer in model.moe_layers():
+        add_to_router_logits(layer, [0.3, 0.0, 0.0, 0.0])
+    idx = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    cvs = []
+    for step in range(20):
+        with torch.no_grad():
+            _, _, extra = model(idx, idx)
+        load = extra["expert_load"]
+        cvs.append(load_stats(load)["load_cv"].item())
+        before = [layer.expert_bias.clone() for layer in model.moe_layers()]
+        model.end_step(load, torch.tensor(False), ONE_PROCESS)
+        for b0, layer, f_E in zip(before, model.moe_layers(), load):
+            expected = b0 + 0.005 * torch.sign(f_E.mean() - f_E)
+            torch.testing.assert_close(layer.expert_bias, expected)
+    assert cvs[0] > 1.5 and max(cvs[-5:]) < 0.3, cvs  # from most tokens on expert 0 to within ~20% of even
+    # a skipped optimizer step leaves the bias as it was
+    before = [layer.expert_bias.clone() for layer in model.moe_layers()]
+    model.end_step(load, torch.tensor(True), ONE_PROCESS)
+    assert all(torch.equal(b, layer.expert_bias) for b, layer in zip(before, model.moe_layers()))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_global_balance_loss_equals_loss_on_the_concatenated_batch(k):
+    # three micro-steps with balance_scope='global' give the gradient of one step on the three micro-batches
+    # concatenated (where 'micro' is the whole batch): f is counted over the step, P stays per micro-batch
+    settings = dict(moe_top_k=k, balance_loss_weight=1.0, z_loss_weight=0.01, n_experts=8)
+    micro, per_micro = tiny_moe_gpt(**settings), tiny_moe_gpt(**settings)
+    model = tiny_moe_gpt(**settings, balance_scope="global")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 32, (2, 16), generator=gen),) * 2 for _ in range(3)]
+    model.start_step(iter(batches), nullcontext(), ONE_PROCESS)
+    for x, y in batches:
+        _, loss, extra = model(x, y)
+        ((loss + extra["aux_loss"]) / len(batches)).backward()
+    x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    _, loss, extra = micro(x_all, y_all)
+    (loss + extra["aux_loss"]).backward()
+    for (name, p), q in zip(micro.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    # per micro-batch counts would give another gradient: the test can tell the two apart
+    for x, y in batches:
+        _, loss, extra = per_micro(x, y)
+        ((loss + extra["aux_loss"]) / len(batches)).backward()
+    router = "transformer.h.0.mlp.router.weight"
+    assert not torch.allclose(per_micro.get_parameter(router).grad, micro.get_parameter(router).grad,
+                              rtol=1e-4, atol=1e-7)
+    model.end_step(extra["expert_load"], torch.tensor(False), ONE_PROCESS)
+    assert all(layer.global_load is None for layer in model.moe_layers())  # the next step counts anew
+
+
+def test_balancing_combinations_that_cannot_work_are_refused():
+    with pytest.raises(UserError, match="balance_scope='global' .* balance_mode='aux'"):
+        tiny_moe_gpt(balance_scope="global", balance_mode="aux_free")
+    with pytest.raises(UserError, match="dropout=0 and router_jitter=0"):
+        tiny_moe_gpt(balance_scope="global", dropout=0.1)
+
+
+def test_load_stats():
+    load = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.3, 0.15, 0.05]])
+    s = load_stats(load)
+    assert s["load_max"].item() == pytest.approx(2.0) and s["load_min"].item() == pytest.approx(0.2)
+    cv1 = (load[1] * 4).std(unbiased=False).item()
+    assert s["load_cv"].item() == pytest.approx(cv1 / 2)  # layer 0 is perfectly balanced: CV 0
+    assert s["dead_experts"].item() == pytest.approx(1 / 8)  # 0.05 < 1/(4E) = 0.0625
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,5 +1,7 @@
 """The grouped (fast) MoE path gives the same numbers as the reference for-loop, compiles without graph
 breaks, and reads the same parameters (a checkpoint from one runs with the other)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -68,13 +70,16 @@ def test_grouped_equals_loop_when_an_expert_gets_no_tokens():
     assert layer_g.experts.c_fc.grad[3].abs().sum() == 0  # present, and zero: no token reached it
 
 
-def test_compile_fullgraph_grouped_forward_backward():
+@pytest.mark.parametrize("routing", [{}, dict(router_score="sigmoid", balance_mode="aux_free")])
+def test_compile_fullgraph_grouped_forward_backward(routing):
     # aot_eager traces the whole graph (Dynamo + AOTAutograd, so any graph break fails fullgraph=True)
     # without the minute-long C++ code generation of the default backend on a CPU
     torch.manual_seed(0)
-    model = MoEGPT(MoEConfig(moe_impl="grouped", moe_top_k=2, capacity_factor=1.25, **TINY))
+    model = MoEGPT(MoEConfig(moe_impl="grouped", moe_top_k=2, capacity_factor=1.25, **TINY, **routing))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx = torch.randint(0, 64, (2, 16))
+    if routing.get("balance_mode") == "aux_free":  # biases that moved once, as after train.py's first step
+        model.end_step(torch.rand(2, 4).softmax(-1), torch.tensor(False), SimpleNamespace(ddp=False))
     logits, loss, extra = compiled(idx, idx)
     (loss + extra["aux_loss"]).backward()
     assert all(p.grad is not None for p in model.parameters())

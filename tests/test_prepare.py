@@ -199,6 +199,29 @@ def test_folder_input_skips_binary_and_hidden(tmp_path, prepare_here):
     assert meta["source"] == str(corpus)
 
 
+def test_folder_glob_exclude_and_max_chars(tmp_path, prepare_here):
+    # the study's second corpus: a source tree's *.py files, without site-packages, capped in size
+    corpus = tmp_path / "lib"
+    (corpus / "site-packages" / "pkg").mkdir(parents=True)
+    (corpus / "json").mkdir()
+    (corpus / "abc.py").write_text("class ABC: pass\n")
+    (corpus / "json" / "decoder.py").write_text("def decode(s):\n    return s\n")
+    (corpus / "json" / "README.txt").write_text("not python\n")
+    (corpus / "site-packages" / "pkg" / "mod.py").write_text("import everything\n")
+    out = prepare_here("text", "--input", corpus, "--name", "src", "--glob", "*.py", "--exclude", "site-packages",
+                       "--val_fraction", 0.2)
+    assert "read 2 text files" in out.out
+    meta, train, val = read_dataset(tmp_path / "data" / "src")
+    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == \
+        "class ABC: pass\n\ndef decode(s):\n    return s\n"
+    # --max_chars keeps the first characters in path order, cutting the last file read
+    prepare_here("text", "--input", corpus, "--name", "capped", "--glob", "*.py", "--glob", "*.txt",
+                 "--exclude", "site-packages", "--max_chars", 20, "--val_fraction", 0.2)
+    meta, train, val = read_dataset(tmp_path / "data" / "capped")
+    text = Tokenizer.from_meta(meta).decode(np.concatenate([train, val]))
+    assert text == "class ABC: pass\n\nnot "  # 16 + 4 characters (separators do not count)
+
+
 def test_uint32_for_big_char_vocab(tmp_path, prepare_here):
     assert token_dtype(65) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(70000) == np.uint32
     assert token_dtype(50257) == np.uint16
@@ -260,6 +283,10 @@ def test_bad_arguments(tmp_path):
         prep.main(["wikipedia"])
     with pytest.raises(UserError, match="only for the text dataset"):
         prep.main(["shakespeare_char", "--tokenizer", "gpt2"])
+    with pytest.raises(UserError, match="--glob is only for the text dataset"):
+        prep.main(["shakespeare_char", "--glob", "*.py"])
+    with pytest.raises(UserError, match="--max_chars must be at least 1"):
+        prep.main(["text", "--input", str(tmp_path / "tiny.txt"), "--max_chars", "0"])
     with pytest.raises(UserError, match="too short"):  # 1 token: 90% of it leaves train empty
         prep.main(["text", "--input", str(tmp_path / "tiny.txt"), "--data_root", str(tmp_path / "data")])
     (tmp_path / "empty.txt").write_text("")

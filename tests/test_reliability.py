@@ -110,9 +110,11 @@ def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(shakespeare_data, 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact_moe(shakespeare_data, tmp_path):
-    """The same for an MoE model (4 experts, top-2) with router jitter and dropout, killed once."""
+    """The same for an MoE model (4 experts, top-2) with router jitter and dropout, killed once; sigmoid scores
+    and aux-loss-free balancing, whose expert biases (buffers) move every step and must resume exactly."""
     args = ["--max_iters=8", "--eval_interval=4", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
-            "--dropout=0.1", "--router_jitter=0.1", "--learning_rate=1e-2", "--warmup_iters=0"]
+            "--dropout=0.1", "--router_jitter=0.1", "--learning_rate=1e-2", "--warmup_iters=0",
+            "--router_score=sigmoid", "--balance_mode=aux_free", "--bias_update_rate=0.01"]
     straight = start(["train.py", *train_args(shakespeare_data, tmp_path / "straight", *args)], cwd=tmp_path)
     out = tmp_path / "killed"
     killed = train_args(shakespeare_data, out, *args)
@@ -127,6 +129,7 @@ def test_sigkill_then_resume_is_bit_exact_moe(shakespeare_data, tmp_path):
     assert a["model_args"]["n_experts"] == b["model_args"]["n_experts"] == 4
     assert a["iter_num"] == b["iter_num"] == 8
     assert_same_tensors(a["model"], b["model"], f"MoE model after a kill at {kill_point}")
+    assert a["model"]["transformer.h.0.mlp.expert_bias"].abs().sum() > 0  # the biases moved, and match above
 
 
 # ----------------------------------------------------------------------------- crash while saving
