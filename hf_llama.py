@@ -26,6 +26,7 @@ import torch
 
 from common import UserError
 from model import GPTConfig, mlp_hidden_size
+from moe_model import MoEConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 RMS_EPS = 1e-5  # model.make_norm's
@@ -55,13 +56,18 @@ def hf_config(args, family):
     return {**c, **moe, "num_experts": args["n_experts"], "moe_intermediate_size": expert_hidden,
                          "shared_expert_intermediate_size": args["n_shared_experts"] * expert_hidden,
                          "intermediate_size": dense_hidden, "decoder_sparse_step": args["moe_every"],
-                         "mlp_only_layers": [], "norm_topk_prob": args["moe_renorm"], "qkv_bias": False,
+                         "mlp_only_layers": [], "norm_topk_prob": renormalises(args), "qkv_bias": False,
                          "use_sliding_window": False}
 
 
 def fits_mixtral(args):
     """An MoE that Mixtral represents: experts in every layer, renormalised top-k, no shared experts."""
-    return args["n_shared_experts"] == 0 and args["moe_every"] == 1 and args["moe_renorm"]
+    return args["n_shared_experts"] == 0 and args["moe_every"] == 1 and renormalises(args)
+
+
+def renormalises(args):
+    """Whether the MoE of model_args `args` renormalises its top-k weights (moe_renorm=None: when k > 1)."""
+    return MoEConfig.from_dict(args).renormalises()
 
 
 def family_problems(args, family):
@@ -83,10 +89,12 @@ def family_problems(args, family):
         elif args["bias"]:
             problems.append(f"{name} has no biases, this model has bias=True")
     if family == "mixtral" and moe:
-        for key, value, why in (("n_shared_experts", 0, "shared experts"), ("moe_every", 1, "dense layers"),
-                                ("moe_renorm", True, "top-k weights that are not renormalised")):
+        for key, value, why in (("n_shared_experts", 0, "shared experts"), ("moe_every", 1, "dense layers")):
             if args[key] != value:
                 problems.append(f"MixtralForCausalLM has no {why} ({key}={args[key]!r}; use --format=qwen2_moe)")
+        if not renormalises(args):
+            problems.append(f"MixtralForCausalLM has no top-k weights that are not renormalised (moe_renorm="
+                            f"{args['moe_renorm']!r} with moe_top_k={args['moe_top_k']}; use --format=qwen2_moe)")
     return problems
 
 
@@ -173,6 +181,11 @@ def model_args_from_hf(c, source):
                             f"{F_}: n_shared_experts experts of that size)")
         args.update(n_experts=c.num_experts, moe_top_k=c.num_experts_per_tok, moe_every=c.decoder_sparse_step,
                     moe_renorm=bool(c.norm_topk_prob), expert_hidden=F_, n_shared_experts=shared // F_)
+    if args.get("moe_renorm") and args["moe_top_k"] == 1:
+        problems.append("one expert per token with its weight renormalised to 1.0 (the router would get no "
+                        "gradient from the loss; our top-1 MoE weights the expert by its probability)")
+    elif "moe_renorm" in args and args["moe_renorm"] == (args["moe_top_k"] > 1):
+        args["moe_renorm"] = None  # our default says the same: renormalise when k > 1
     if problems:
         raise UserError(f"'{source}' has {family} settings this repository's model cannot reproduce exactly: "
                         f"{'; '.join(problems)}")

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
 
@@ -180,7 +181,8 @@ def read_text(path):
 
 
 def list_files(folder, skip_dir, globs=None, exclude=()):
-    """Every file under folder, sorted by path, leaving out hidden files and folders (.git, .venv, ...),
+    """Every plain file under folder, sorted by path, leaving out hidden files and folders (.git, .venv, ...),
+    named pipes, devices and symlinks that lead out of folder,
     the output folder itself (when preparing a folder that contains data/) and folders named in exclude;
     with globs, only files whose name matches one of them."""
     paths = []
@@ -189,7 +191,17 @@ def list_files(folder, skip_dir, globs=None, exclude=()):
                    and os.path.realpath(os.path.join(root, d)) != os.path.realpath(skip_dir)]
         paths += [os.path.join(root, f) for f in files if not f.startswith(".")
                   and (globs is None or any(fnmatch.fnmatch(f, g) for g in globs))]
-    return sorted(paths)
+    return sorted(p for p in paths if is_regular_file_inside(p, folder))
+
+
+def is_regular_file_inside(path, folder):
+    """A plain file (reading a named pipe or a device would hang or never end) that is inside folder, also
+    when path is a symlink (a link may lead anywhere on the machine)."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    try:
+        return stat.S_ISREG(os.stat(real).st_mode) and os.path.commonpath([real, top]) == top
+    except (OSError, ValueError):
+        return False  # a broken link, or one to another drive
 
 
 def cap_chars(docs, max_chars):

@@ -26,10 +26,11 @@ LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, vocab_s
 FAMILIES = {  # a model of ours for each format (and the variants a format's options cover)
     "llama": dict(LLAMA),
     "llama-bias": dict(LLAMA, bias=True, n_kv_head=None),
-    "mixtral-top1": dict(LLAMA, n_experts=4, moe_top_k=1, expert_hidden=48),
     "mixtral-top2": dict(LLAMA, n_experts=4, moe_top_k=2),
     "qwen2_moe-top2": dict(LLAMA, n_experts=4, moe_top_k=2, n_shared_experts=2, moe_every=2, n_layer=3),
-    "qwen2_moe-top1": dict(LLAMA, n_experts=4, moe_top_k=1, moe_renorm=False, expert_hidden=48),
+    # our top-1 weights the expert by its probability (a renormalised single gate would be 1.0): Mixtral
+    # always renormalises, so top-1 goes to Qwen2-MoE with norm_topk_prob=False
+    "qwen2_moe-top1": dict(LLAMA, n_experts=4, moe_top_k=1, expert_hidden=48),
 }
 
 

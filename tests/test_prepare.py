@@ -190,12 +190,18 @@ def test_folder_input_skips_binary_and_hidden(tmp_path, prepare_here):
     (corpus / "latin1.txt").write_bytes("café".encode("latin-1"))  # not UTF-8
     (corpus / ".git" / "config").write_text("[core]\n\tbare = false\n")  # hidden folder: skipped
     (corpus / ".notes").write_text("hidden file ~~~\n")
+    # a named pipe would block the read forever; a link out of the folder would read anything on the machine
+    os.mkfifo(corpus / "pipe.txt")
+    (tmp_path / "secret.txt").write_text("outside {{{\n")
+    (corpus / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (corpus / "inside.txt").symlink_to(corpus / "a.txt")  # a link that stays inside is read
     out = prepare_here("text", "--input", corpus, "--val_fraction", 0.2)
-    assert "read 2 text files" in out.out and "skipped 2" in out.out
+    assert "read 3 text files" in out.out and "skipped 2" in out.out
     meta, train, val = read_dataset(tmp_path / "data" / "corpus")
     # files in sorted path order, one newline between two files
-    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == "hello world\n\nprint('hi')\n"
-    assert "~" not in meta["chars"] and "[" not in meta["chars"]
+    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == \
+        "hello world\n\nhello world\n\nprint('hi')\n"
+    assert "~" not in meta["chars"] and "[" not in meta["chars"] and "{" not in meta["chars"]
     assert meta["source"] == str(corpus)
 
 
