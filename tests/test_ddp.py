@@ -21,6 +21,8 @@ from checkpoint import load_checkpoint
 from conftest import REPO, assert_ok, read_metrics
 from model import build_model
 
+pytestmark = pytest.mark.slow  # torchrun processes: `pytest -m 'not slow'` skips it for a quick loop
+
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--eval_iters=2",
         "--decay_lr=False", "--dropout=0.0"]
 DENSE = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4"]

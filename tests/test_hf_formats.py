@@ -20,6 +20,8 @@ from hf_interop import export_checkpoint, load_hf, model_for_training, pick_form
 from model import GPT, GPTConfig, build_model  # noqa: E402
 from moe_model import MoE, MoEConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Llama/Mixtral/Qwen2-MoE interop: `pytest -m "not slow"` skips it
+
 CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), bias=False,
              pos_emb="rope", norm="rmsnorm", mlp="swiglu", rope_theta=500.0)

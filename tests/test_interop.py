@@ -19,6 +19,8 @@ from hf_interop import model_for_training  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from moe_model import MoEConfig, MoEGPT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Hugging Face GPT-2 interop: `pytest -m 'not slow'` skips it for a quick loop
+
 HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
 
 
