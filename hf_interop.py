@@ -15,6 +15,7 @@ Which format a checkpoint exports to (pick_format; export.py --format overrides,
                                                         -> qwen2_moe  Qwen2MoeForCausalLM
 Anything without an exact equivalent is refused before anything is written, with one message naming it.
 """
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import torch
 
 import hf_llama
 from checkpoint import model_from_checkpoint
-from common import UserError
+from common import UserError, disk_full_message
 from model import build_model, check_same_model, model_keys
 from moe_model import MoEConfig, MoEGPT
 
@@ -202,6 +203,10 @@ def export_checkpoint(ckpt, folder, fmt=None, force=False, max_shard_size="5GB")
                 os.remove(os.path.join(folder, name))
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(disk_full_message(folder)) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return fmt

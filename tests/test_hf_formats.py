@@ -4,7 +4,9 @@ our model -> Hugging Face folder -> transformers gives our logits and routing; a
 (built from a config, never downloaded) -> ours gives its logits and its greedy tokens; every model without an
 exact equivalent is refused with one line and nothing written.
 """
+import errno
 import json
+import os
 from dataclasses import asdict
 
 import pytest
@@ -331,3 +333,14 @@ def test_export_cli(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert "capacity_factor" in export_cli([f"--out_dir={tmp_path / 'refused'}"], capsys)[2]
     assert sorted(p.name for p in (tmp_path / "refused").iterdir()) == ["ckpt.pt"]
+
+
+def test_export_on_a_full_disk_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
+    import hf_interop
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(hf_interop, "write_tokenizer", full_disk)  # after the weights: a half-written export
+    with pytest.raises(UserError, match="disk is full"):
+        export_checkpoint(checkpoint(our_model(FAMILIES["llama"])), tmp_path / "hf")
+    assert os.listdir(tmp_path) == []  # neither the export folder nor its temporary folder
