@@ -142,7 +142,8 @@ def main(argv=None):
     experts_path = f"{stem}_experts{ext or '.png'}"
     existing = [p for p in [args.output] + ([experts_path] if moe_runs else []) if os.path.exists(p)]
     if existing and not args.force:
-        raise UserError(f"{' and '.join(existing)} already exist(s); choose another -o, or add --force to replace")
+        raise UserError(f"{' and '.join(existing)} already {'exist' if len(existing) > 1 else 'exists'}; choose "
+                        f"another -o, or add --force to replace")
     plot_curves(plt, runs, args.x, args.output)
     print(f"wrote {args.output}")
     if moe_runs:

@@ -184,7 +184,7 @@ def main():
         step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
         if iter_num % cfg.log_interval == 0:
             check_nonfinite(nonfinite, run)
-            stats = {k: v for k, v in mean_over_ranks(sums, proc).items()}
+            stats = mean_over_ranks(sums, proc)
             if proc.master:
                 mfu = raw_model.estimate_mfu(tokens_per_iter // proc.world_size, dt, peak)  # per GPU
                 if mfu is not None:
