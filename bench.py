@@ -123,7 +123,8 @@ def main():
     print(f"device {name}, dtype {dtype}, compile {cfg.compile and compile_supported(dev)}, torch {torch.__version__}; "
           f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps}; MoE: {cfg.n_experts} experts, top-{cfg.moe_top_k}, every "
-          f"{cfg.moe_every} layer(s), capacity_factor {cfg.capacity_factor}; median of {cfg.bench_steps} steps")
+          f"{cfg.moe_every} layer(s), capacity_factor {cfg.capacity_factor}; "
+          + (f"Mamba2 layers {cfg.mamba_layers}; " if cfg.mamba_layers else "") + f"median of {cfg.bench_steps} steps")
     results = {}
     for variant in variants:
         model, dt, mem, save = bench_variant(variant, cfg, dev, dtype)

@@ -15,6 +15,8 @@ Each key is declared once, where it lives:
 - a script setting is a module-level variable (train.py, sample.py...): its default gives its type, and its
   annotation, where it has one, the rest: `batch_size: Valid(min=1) = 12`,
   `peak_flops: Valid(float | None, above=0) = None`, `dtype: Valid(choices=("auto", "float32")) = "auto"`.
+A key may also be a list of plain values (`mamba_layers: list[int]`, written --mamba_layers=[0,1,2]): its
+range and choices then apply to each element.
 """
 import ast
 import difflib
@@ -22,7 +24,7 @@ import os
 import sys
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from common import UserError
 
@@ -68,20 +70,28 @@ class Valid:
 
 
 def setting(default, help="", **declaration):
-    """A config dataclass field: setting(0.0, "dropout rate", runtime=True, min=0, below=1)."""
+    """A config dataclass field: setting(0.0, "dropout rate", runtime=True, min=0, below=1). A list default
+    becomes a factory, so instances never share (and mutate) one list."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **declaration})
     return field(default=default, metadata={"help": help, **declaration})
 
 
 def types_of(annotation):
-    """int -> (int,); `int | None` -> (int, NoneType)."""
+    """int -> (int,); `int | None` -> (int, NoneType); `list[int]` -> (list[int],)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return typing.get_args(annotation)
     return (annotation,)
 
 
+def field_default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
 def dataclass_keys(config_cls, skip=()):
     """{name: Key} for the fields of a config dataclass (GPTConfig, MoEConfig)."""
-    return {f.name: Key(f.default, types_of(f.type), **f.metadata) for f in fields(config_cls) if f.name not in skip}
+    return {f.name: Key(field_default(f), types_of(f.type), **f.metadata) for f in fields(config_cls)
+            if f.name not in skip}
 
 
 def script_keys(namespace):
@@ -92,32 +102,56 @@ def script_keys(namespace):
             if not k.startswith("_") and k.islower() and isinstance(v, PLAIN_TYPES)}
 
 
+def type_name(t):
+    return "None" if t is type(None) else str(t) if typing.get_origin(t) else t.__name__
+
+
+def has_type(value, t):
+    """isinstance for a key's types, list[int] included (bool is not an int here)."""
+    if typing.get_origin(t) is list:
+        item, = typing.get_args(t)
+        return type(value) is list and all(type(v) is item for v in value)
+    return type(value) is t
+
+
 def check_value(key, value, spec, where=None):
     """value converted to the key's type (an int is fine for a float), or a UserError naming the problem."""
     at = f" in {where}" if where else ""
     if isinstance(value, int) and not isinstance(value, bool) and float in spec.types and int not in spec.types:
         value = float(value)
-    if type(value) not in spec.types:
-        expected = " or ".join("None" if t is type(None) else t.__name__ for t in spec.types)
+    if not any(has_type(value, t) for t in spec.types):
+        expected = " or ".join(map(type_name, spec.types))
         raise UserError(f"config key '{key}'{at} expects {expected} (default {spec.default!r}) but got "
                         f"{type(value).__name__} {value!r}")
+    if isinstance(value, list):  # the declared range and choices hold for each element
+        for v in value:
+            check_in_range(key, v, spec, at, f"{key}={value!r}{at} has {v!r}, which")
+        return value
     if value is None or isinstance(value, bool):
         return value
+    check_in_range(key, value, spec, at, f"{key}={value!r}{at}")
+    return value
+
+
+def check_in_range(key, value, spec, at, what):
     if spec.choices is not None and value not in spec.choices:
-        raise UserError(f"{key}={value!r}{at} is not one of {', '.join(map(repr, spec.choices))}")
+        raise UserError(f"{what} is not one of {', '.join(map(repr, spec.choices))}")
     ok = [spec.min is None or value >= spec.min, spec.max is None or value <= spec.max,
           spec.above is None or value > spec.above, spec.below is None or value < spec.below]
     if not all(ok):
-        raise UserError(f"{key}={value!r}{at} is out of range: it must be {spec.rule()}"
+        raise UserError(f"{what} is out of range: it must be {spec.rule()}"
                         + (f" ({spec.help})" if spec.help else "") + f"; set --{key} to such a value")
-    return value
 
 
 def check_fields(config):
     """Check (and convert int -> float) every field of a config dataclass instance against its declaration."""
     for f in fields(config):
-        spec = Key(f.default, types_of(f.type), **f.metadata)
+        spec = Key(field_default(f), types_of(f.type), **f.metadata)
         setattr(config, f.name, check_value(f.name, getattr(config, f.name), spec))
+
+
+def takes_list(spec):
+    return spec is not None and any(typing.get_origin(t) is list for t in spec.types)
 
 
 def _suggest(key, known):
@@ -167,8 +201,9 @@ def _exec_config_file(path, config, keys, set_keys):
     scope = dict(config)
     _run_config_source(path, scope, keys, set_keys)
     for key, value in scope.items():
-        # modules, functions and _private helpers a config file defines are not settings
-        if key.startswith("_") or not isinstance(value, PLAIN_TYPES):
+        # modules, functions and _private helpers a config file defines are not settings; lists are, when a
+        # key takes one (mamba_layers = [0, 1, 2])
+        if key.startswith("_") or not (isinstance(value, PLAIN_TYPES) or takes_list(keys.get(key))):
             continue
         if key not in keys:
             raise UserError(f"unknown config key '{key}' in config file '{path}'{_suggest(key, list(keys))}")
@@ -211,7 +246,7 @@ def parse_args(keys, argv, set_keys=None):
             value = raw  # a bare word such as --device=cpu is a string
         if str in keys[key].types and type(value) not in keys[key].types:
             value = raw  # a string setting takes numbers and comma lists as written: --bench_variants=dense,loop
-        if not isinstance(value, PLAIN_TYPES):
+        if not isinstance(value, PLAIN_TYPES) and not takes_list(keys[key]):
             raise UserError(f"config key '{key}': value {raw!r} is not a plain int, float, bool, string or None")
         config[key] = check_value(key, value, keys[key], f"'{arg}'")
         set_keys.add(key)

@@ -37,12 +37,12 @@ FORMATS = tuple(ARCHITECTURES)
 # without it, whether a value exports, what the formats lack). Read with model_args.get(setting, default), so
 # settings of newer checkpoints are checked and older checkpoints (without them) pass.
 NO_EQUIVALENT = (
+    ("mamba_layers", None, lambda v: not v, "Mamba layers (mamba_layers)"),  # first: the largest gap
     ("capacity_factor", 0.0, lambda v: v == 0, "capacity_factor > 0 (tokens dropped when an expert is full)"),
     ("attn", None, lambda v: v != "mla", "multi-head latent attention (attn='mla')"),
     ("fgram_max_n", 0, lambda v: not v, "F-gram embeddings (fgram_max_n > 0)"),
     ("balance_mode", None, lambda v: v != "aux_free", "the aux-free routing bias (balance_mode='aux_free')"),
     ("router_score", "softmax", lambda v: v == "softmax", "sigmoid router scores (router_score='sigmoid')"),
-    ("mamba_layers", None, lambda v: not v, "Mamba layers (mamba_layers)"),
 )
 # what a forced export removes first, so no stale shard or tokenizer of an earlier export stays beside the new one
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",

@@ -1,8 +1,9 @@
 """
 The dense GPT. GPT-2 architecture by default (learned positions, LayerNorm, GELU MLP, tied head), with
 modern options behind config flags: RoPE, grouped-query attention, RMSNorm, SwiGLU, multi-head latent
-attention (MLA, DeepSeek-V2) and hashed n-gram ("F-gram") input embeddings. Generation keeps a KVCache so a
-new token costs one position's work instead of re-running the whole context.
+attention (MLA, DeepSeek-V2), hashed n-gram ("F-gram") input embeddings, and Mamba2 layers in attention's
+place in chosen layers (a hybrid; mamba2.py). Generation keeps a KVCache so a new token costs one position's
+work instead of re-running the whole context.
 
 Extension point for moe_model.py: GPT.make_ffn(layer_idx) builds the feed-forward block of each layer, and
 GPT.extra_losses() returns whatever a subclass wants to add to the loss (the dense model adds nothing).
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from configurator import check_fields, dataclass_keys, setting
+from mamba2 import Mamba2
 
 
 @dataclass
@@ -45,6 +47,19 @@ class GPTConfig:
                               "most the head size; 0 = none)", min=0)
     fgram_max_n: int = setting(0, "hashed n-gram input embeddings for n = 2..fgram_max_n (0 = off)", min=0)
     fgram_buckets: int = setting(4096, "rows of each F-gram table (n-grams are hashed into them)", min=1)
+    # Mamba2 layers (mamba2.py) in attention's place: a hybrid model. The defaults fit n_embd=768 (2 x 768 =
+    # 24 heads x 64); every mamba2_* setting is read only when mamba_layers names a layer
+    mamba_layers: list[int] = setting([], "layers whose attention is a Mamba2 (SSD) layer, e.g. [0, 1, 2, 4] "
+                                          "(empty = none)", min=0)
+    mamba2_num_heads: int = setting(24, "Mamba2: heads (num_heads * head_dim = n_embd * mamba2_expand)", min=1)
+    mamba2_head_dim: int = setting(64, "Mamba2: channels per head", min=1)
+    mamba2_state_size: int = setting(64, "Mamba2: state numbers per channel (N)", min=1)
+    mamba2_chunk_size: int = setting(64, "Mamba2: chunk length of the training scan (a sequence that is not a "
+                                         "multiple is padded inside the layer)", runtime=True, min=1)
+    mamba2_n_groups: int = setting(1, "Mamba2: groups of heads that share B and C (divides mamba2_num_heads)",
+                                   min=1)
+    mamba2_conv_kernel: int = setting(4, "Mamba2: width of the causal depthwise convolution", min=1)
+    mamba2_expand: int = setting(2, "Mamba2: inner width = n_embd * mamba2_expand", min=1)
 
     def __post_init__(self):
         self.validate()
@@ -64,6 +79,8 @@ class GPTConfig:
             self.validate_mla(hs)
         if self.fgram_max_n == 1:
             raise UserError("fgram_max_n=1 has no n-grams to add (they start at n=2); use 0 for off or 2 or more")
+        if self.mamba_layers:
+            self.validate_mamba()
 
     def validate_mla(self, hs):
         if self.n_kv_head is not None:
@@ -79,6 +96,26 @@ class GPTConfig:
             raise UserError(f"d_rope={self.d_rope} is larger than the head size n_embd/n_head={hs}")
         if self.pos_emb == "rope" and self.d_rope == 0:
             raise UserError("attn='mla' with pos_emb='rope' needs d_rope > 0 (MLA rotates only its d_rope dims)")
+
+    def validate_mamba(self):
+        layers = self.mamba_layers
+        if len(set(layers)) != len(layers):
+            raise UserError(f"mamba_layers={layers} names a layer twice; list each layer index once")
+        if max(layers) >= self.n_layer:
+            raise UserError(f"mamba_layers={layers} has layer {max(layers)}, but n_layer={self.n_layer} numbers "
+                            f"the layers 0..{self.n_layer - 1}")
+        inner, heads = self.n_embd * self.mamba2_expand, self.mamba2_num_heads * self.mamba2_head_dim
+        if inner != heads:
+            raise UserError(f"Mamba2 needs n_embd * mamba2_expand == mamba2_num_heads * mamba2_head_dim, got "
+                            f"{self.n_embd} * {self.mamba2_expand} = {inner} vs {self.mamba2_num_heads} * "
+                            f"{self.mamba2_head_dim} = {heads}; set mamba2_num_heads and mamba2_head_dim so their "
+                            f"product is {inner}")
+        if self.mamba2_num_heads % self.mamba2_n_groups:
+            raise UserError(f"mamba2_num_heads={self.mamba2_num_heads} is not divisible by mamba2_n_groups="
+                            f"{self.mamba2_n_groups} (each group of heads shares one B and C)")
+
+    def is_mamba_layer(self, layer_idx):
+        return layer_idx in self.mamba_layers
 
     @classmethod
     def from_dict(cls, d):
@@ -194,11 +231,13 @@ class KVCache:
 
 
 def cache_values_per_token(config):
-    """Numbers a KVCache keeps per token, all layers together: keys and values of the kv heads (MHA/GQA), or
-    the latent and the shared rope key (MLA). Times the dtype's bytes, it is the cache's bytes per token."""
+    """Numbers a KVCache keeps per token, all attention layers together: keys and values of the kv heads
+    (MHA/GQA), or the latent and the shared rope key (MLA); Mamba layers keep a fixed-size state instead.
+    Times the dtype's bytes, it is the cache's bytes per token."""
+    n_attn = config.n_layer - len(config.mamba_layers)
     if config.attn == "mla":
-        return config.n_layer * (config.kv_latent_dim + config.d_rope)
-    return config.n_layer * 2 * (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
+        return n_attn * (config.kv_latent_dim + config.d_rope)
+    return n_attn * 2 * (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
 
 
 def causal_attention(q, k, v, dropout_p=0.0):
@@ -379,12 +418,18 @@ class Block(nn.Module):
     def __init__(self, config, ffn, layer_idx=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = make_attention(config, layer_idx)
+        # the sequence mixer: attention, or in the layers config.mamba_layers names a Mamba2 layer
+        self.is_mamba = config.is_mamba_layer(layer_idx)
+        if self.is_mamba:
+            self.mamba = Mamba2(config, layer_idx)
+        else:
+            self.attn = make_attention(config, layer_idx)
         self.ln_2 = make_norm(config)
         self.mlp = ffn  # a dense MLP, or whatever GPT.make_ffn returns for this layer (an MoE layer)
 
     def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+        mixer = self.mamba if self.is_mamba else self.attn
+        x = x + mixer(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -487,7 +532,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
-            if hasattr(block.attn, "rope_cos"):
+            if hasattr(block, "attn") and hasattr(block.attn, "rope_cos"):
                 block.attn.rope_cos = block.attn.rope_cos[:block_size]
                 block.attn.rope_sin = block.attn.rope_sin[:block_size]
 
@@ -498,7 +543,8 @@ class GPT(nn.Module):
         skip a step on the device (train.py's non-finite check sets optimizer.found_inf, no host sync)."""
         no_decay = {id(p) for m in self.modules() for name, p in m.named_parameters(recurse=False)
                     if name.endswith("bias") or isinstance(m, (nn.LayerNorm, nn.RMSNorm))
-                    or (isinstance(m, FGram) and name == "scale")}
+                    or (isinstance(m, FGram) and name == "scale")
+                    or (isinstance(m, Mamba2) and name in ("A_log", "D"))}  # (and dt_bias): as Mamba2 does
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
@@ -506,10 +552,15 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 per active parameter (fwd + bwd) plus attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6 per active parameter (fwd + bwd) plus attention (PaLM appendix B) in the
+        attention layers, plus the Mamba layers' scan: per head, scores and values over a chunk (chunk_size
+        * (state + head_dim)) and the state written and read (2 * head_dim * state), times 6 like a weight."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * self.num_active_params() + 12 * L * H * Q * T
+        n_mamba = len(cfg.mamba_layers)
+        L, H, Q, T = cfg.n_layer - n_mamba, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        N, P = cfg.mamba2_state_size, cfg.mamba2_head_dim
+        scan = cfg.mamba2_num_heads * (min(cfg.mamba2_chunk_size, T) * (N + P) + 2 * P * N)
+        return 6 * self.num_active_params() + 12 * L * H * Q * T + 6 * n_mamba * scan
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak (None if unknown)."""
@@ -523,8 +574,8 @@ class GPT(nn.Module):
         limits sampling to the tokenizer's ids (GPT-2's 50257 of the model's padded 50304 rows).
         The model sees the last block_size tokens. With kv_cache, the first step fills a KVCache (prefill) and
         each later step runs only the new token; once the context is longer than block_size, every step
-        re-prefills the last block_size tokens (learned positions shift and each window starts afresh), which
-        computes exactly what kv_cache=False does, at its cost."""
+        re-prefills the last block_size tokens into a new cache (learned positions shift and each window starts
+        afresh: the Mamba layers' states too), which computes exactly what kv_cache=False does, at its cost."""
         block_size = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):

@@ -99,7 +99,8 @@ def bench_generation(model, cfg, dev, dtype, vocab_size):
         raise UserError(f"bench_context={cfg.bench_context} must be larger than max_new_tokens="
                         f"{cfg.max_new_tokens} and at most the model's block_size={block_size}")
     prompt = torch.randint(vocab_size, (1, cfg.bench_context - cfg.max_new_tokens), device=dev)
-    print(f"{cfg.out_dir}/{cfg.ckpt}: {model.config.attn} attention, context {cfg.bench_context} "
+    mamba = f" and Mamba2 in layers {model.config.mamba_layers}" if model.config.mamba_layers else ""
+    print(f"{cfg.out_dir}/{cfg.ckpt}: {model.config.attn} attention{mamba}, context {cfg.bench_context} "
           f"({prompt.size(1)} prompt + {cfg.max_new_tokens} new tokens), median of {cfg.num_samples} runs")
     speed = {}
     for kv_cache in (True, False):

@@ -205,3 +205,22 @@ def test_every_shipped_config_parses():
         assert cfg["out_dir"] != "out" or path.name.startswith("bench"), path.name
     moe = parse_args(train.KEYS, [str(REPO / "config" / "train_gpt2_moe_16_experts.py")])
     assert (moe["n_experts"], moe["moe_top_k"], moe["moe_every"], moe["n_layer"]) == (16, 1, 2, 12)
+
+
+def test_a_list_key_takes_a_list_from_flags_and_files_and_checks_each_element(tmp_path):
+    import train
+    assert parse_args(train.KEYS, ["--mamba_layers=[0, 2, 3]"])["mamba_layers"] == [0, 2, 3]
+    assert parse_args(train.KEYS, [])["mamba_layers"] == []
+    path = write(tmp_path, "hybrid.py", "mamba_layers = [i for i in range(4) if i != 1]\n")
+    assert parse_args(train.KEYS, [path])["mamba_layers"] == [0, 2, 3]
+    for flag, words in [("--mamba_layers=[0, 'a']", ["expects list[int]", "[0, 'a']"]),
+                        ("--mamba_layers=(0, 1)", ["expects list[int]", "got tuple"]),
+                        ("--mamba_layers=[True]", ["expects list[int]"]),
+                        ("--mamba_layers=[1, -2]", ["has -2, which is out of range", ">= 0"])]:
+        with pytest.raises(UserError) as e:
+            parse_args(train.KEYS, [flag])
+        assert all(w in str(e.value) for w in words), str(e.value)
+    with pytest.raises(UserError) as e:  # in a file too
+        parse_args(train.KEYS, [write(tmp_path, "bad.py", "mamba_layers = [0.5]\n")])
+    assert "bad.py" in str(e.value) and "expects list[int]" in str(e.value)
+    assert "not a plain" in error(["--n_head=[1, 2]"])  # other keys still take no list

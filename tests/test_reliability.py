@@ -591,6 +591,24 @@ BAD_INPUTS = [
      ["fgram_buckets=0", "must be >= 1"]),
     ("resume-other-attention", "train.py", ["--init_from=resume", "--attn=mla", "--kv_latent_dim=16", "--d_rope=8"],
      None, ["another model shape", "attn: config 'mla' vs checkpoint 'mha'"]),
+    # Mamba2 settings (n_embd=32 and 2 layers; expand 2 -> 64 = mamba2_num_heads * mamba2_head_dim)
+    ("mamba-width-mismatch", "train.py", ["--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=8"],
+     None, ["n_embd * mamba2_expand == mamba2_num_heads * mamba2_head_dim", "32 * 2 = 64 vs 4 * 8 = 32"]),
+    ("mamba-layer-out-of-range", "train.py", ["--mamba_layers=[0,2]", "--mamba2_num_heads=4",
+                                              "--mamba2_head_dim=16"], None, ["has layer 2", "n_layer=2", "0..1"]),
+    ("mamba-layer-twice", "train.py", ["--mamba_layers=[1,1]", "--mamba2_num_heads=4", "--mamba2_head_dim=16"],
+     None, ["mamba_layers=[1, 1] names a layer twice"]),
+    ("mamba-layer-negative", "train.py", ["--mamba_layers=[-1]"], None, ["has -1", "must be >= 0"]),
+    ("mamba-layers-not-a-list", "train.py", ["--mamba_layers=0"], None, ["'mamba_layers'", "expects list[int]",
+                                                                          "got int 0"]),
+    ("mamba-heads-not-divisible-by-groups", "train.py", ["--mamba_layers=[0]", "--mamba2_num_heads=4",
+                                                         "--mamba2_head_dim=16", "--mamba2_n_groups=3"], None,
+     ["mamba2_num_heads=4", "mamba2_n_groups=3"]),
+    ("mamba-chunk-zero", "train.py", ["--mamba_layers=[0]", "--mamba2_chunk_size=0"], None,
+     ["mamba2_chunk_size=0", ">= 1"]),
+    ("resume-with-mamba-layers", "train.py", ["--init_from=resume", "--mamba_layers=[0]", "--mamba2_num_heads=4",
+                                              "--mamba2_head_dim=16"], None,
+     ["another model shape", "mamba_layers: config [0] vs checkpoint []"]),
 ]
 
 

@@ -1,0 +1,215 @@
+"""
+Mamba2 layers (mamba2.py) and hybrid models: the chunked SSD scan against the recurrence written as a loop
+over time, generation with the recurrent state against the full forward pass, causality, finite-difference
+gradients, bf16 autocast and torch.compile, and a tiny hybrid MoE trained, killed, resumed and sampled from
+the command line.
+"""
+import pytest
+import torch
+
+import checkpoint
+from conftest import assert_user_error, run, train_args
+from mamba2 import Mamba2, ssd_chunked
+from model import GPT, GPTConfig, KVCache, cache_values_per_token
+from moe_model import MoEConfig, MoEGPT
+from test_reliability import assert_same_tensors, kill_after_saves, run_in_process
+
+# 3 layers, the first and last Mamba2: 4 heads of 16 = 32 * 2, state 8, chunk 4 (block 16 = 4 chunks)
+MAMBA = dict(mamba_layers=[0, 2], mamba2_num_heads=4, mamba2_head_dim=16, mamba2_state_size=8,
+             mamba2_chunk_size=4, mamba2_n_groups=2, mamba2_conv_kernel=3, mamba2_expand=2)
+TINY = dict(block_size=16, vocab_size=32, n_layer=3, n_head=4, n_embd=32, dropout=0.0, **MAMBA)
+MAMBA_FLAGS = ["--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=16", "--mamba2_state_size=8",
+               "--mamba2_chunk_size=8", "--mamba2_expand=2"]
+
+
+def tiny(seed=0, moe=False, **overrides):
+    torch.manual_seed(seed)
+    args = {**TINY, **overrides}
+    model = MoEGPT(MoEConfig(**args, n_experts=4, moe_top_k=2)) if moe else GPT(GPTConfig(**args))
+    return model.eval()
+
+
+def all_logits(model, idx):
+    logits, _, _ = model(idx, idx)  # with targets: logits at every position
+    return logits
+
+
+def sequential_recurrence(x, dt, A, B, C, h):
+    """The SSM as its definition reads, one time step after another, each head on its own:
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t."""
+    batch, T, H, P = x.shape
+    y = torch.zeros_like(x)
+    h = h.clone()
+    for b in range(batch):
+        for head in range(H):
+            for t in range(T):
+                decay = torch.exp(dt[b, t, head] * A[head])
+                h[b, head] = decay * h[b, head] + dt[b, t, head] * torch.outer(x[b, t, head], B[b, t, head])
+                y[b, t, head] = h[b, head] @ C[b, t, head]
+    return y, h
+
+
+def random_scan_inputs(T, batch=2, H=3, P=4, N=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    dt = torch.nn.functional.softplus(r(batch, T, H))  # steps > 0
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.1  # decays < 1
+    return r(batch, T, H, P), dt, A, r(batch, T, H, N), r(batch, T, H, N), r(batch, H, P, N)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_chunked_scan_equals_the_sequential_recurrence(chunk):
+    """T = 11: a multiple of no chunk size here but 1 (3 and 4 pad the last chunk; 16 is one padded chunk),
+    from a non-zero initial state, in float64."""
+    x, dt, A, B, C, h0 = random_scan_inputs(T=11)
+    y, h = ssd_chunked(x, dt, A, B, C, chunk, h0)
+    y_ref, h_ref = sequential_recurrence(x, dt, A, B, C, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    y0, _ = ssd_chunked(x, dt, A, B, C, chunk)  # no initial state: zeros
+    torch.testing.assert_close(y0, sequential_recurrence(x, dt, A, B, C, torch.zeros_like(h0))[0])
+
+
+def test_scan_gradients_match_finite_differences():
+    inputs = [t.requires_grad_() for t in random_scan_inputs(T=5, batch=1, H=2, P=2, N=3)]
+    assert torch.autograd.gradcheck(lambda *a: ssd_chunked(*a[:5], 2, a[5]), inputs)
+
+
+def test_layer_gradients_match_finite_differences():
+    """The whole layer (projections, conv, gated RMSNorm, scan) in float64, 6 positions in chunks of 4."""
+    torch.manual_seed(0)
+    layer = Mamba2(GPTConfig(**{**TINY, "n_embd": 8, "mamba2_num_heads": 2, "mamba2_head_dim": 8,
+                                "mamba2_state_size": 3})).double()
+    u = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (u,))
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("attn", ["mha", "mla"])
+def test_recurrent_generation_equals_the_full_forward(attn, moe):
+    """Prefill 5 positions, then one token at a time: each step's logits equal a full forward's; greedy
+    decoding picks the same tokens; generate() with and without the cache samples the same 25 tokens, which
+    passes block_size=16 (every step then re-prefills a new cache: the Mamba states start afresh too)."""
+    extra = dict(attn="mla", kv_latent_dim=12, d_rope=4, pos_emb="rope") if attn == "mla" else {}
+    model = tiny(moe=moe, **extra)
+    seq = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(model.config.n_layer)
+    steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), all_logits(model, seq)[:, 4:], rtol=0, atol=1e-5)
+    # the cache holds keys/values per token for the attention layer, a fixed-size state for the Mamba layers
+    conv, ssm = cache.get(0, "conv"), cache.get(0, "ssm")
+    assert conv.shape == (2, 32 * 2 + 2 * 2 * 8, 2) and ssm.shape == (2, 4, 16, 8) and ssm.dtype == torch.float32
+    assert cache.nbytes() == 2 * 16 * cache_values_per_token(model.config) * 4 + 2 * (conv.numel() + ssm.numel()) * 4
+
+    greedy, idx, cache = [], seq[:, :3], KVCache(model.config.n_layer)
+    logits = model(idx, cache=cache)[0]
+    for _ in range(10):
+        greedy.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits = model(greedy[-1], cache=cache)[0]
+    full = seq[:, :3]
+    for _ in range(10):
+        full = torch.cat([full, all_logits(model, full)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(torch.cat([seq[:, :3], *greedy], dim=1), full)
+
+    prompt = seq[:, :5]
+    torch.manual_seed(3)
+    cached = model.generate(prompt, 25, kv_cache=True)
+    torch.manual_seed(3)
+    assert torch.equal(cached, model.generate(prompt, 25, kv_cache=False))
+
+
+def test_several_new_positions_after_a_cache():
+    """A chunk of new positions after cached ones (prefill in two parts) continues the conv and the state."""
+    model = tiny()
+    seq = torch.randint(0, 32, (1, 14), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.config.n_layer)
+    model(seq[:, :6], cache=cache)
+    part = seq[:, 6:13]
+    logits, _, _ = model(part, part, cache=cache)  # with targets: logits at each of the 7 new positions
+    torch.testing.assert_close(logits, all_logits(model, seq[:, :13])[:, 6:], rtol=0, atol=1e-5)
+
+
+def test_causal():
+    model = tiny(moe=True)
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    t = 9
+    changed[:, t] = (idx[:, t] + 1) % 32
+    before, after = all_logits(model, idx), all_logits(model, changed)
+    assert torch.equal(before[:, :t], after[:, :t])
+    assert not torch.allclose(before[:, t:], after[:, t:])
+
+
+def test_bf16_autocast_keeps_the_scan_in_float32():
+    model = tiny()
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(model.config.n_layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_bf16, _ = model(idx, idx)
+        model(idx[:, :8], cache=cache)
+        model(idx[:, 8:9], cache=cache)
+    assert cache.get(0, "ssm").dtype == torch.float32
+    assert abs(loss_bf16.item() - model(idx, idx)[1].item()) < 0.05
+
+
+def test_compiled_layer_equals_eager_output_and_gradients():
+    torch.manual_seed(0)
+    layer = Mamba2(GPTConfig(**TINY))
+    u = torch.randn(2, 10, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager_out, compiled_out = layer(u), compiled(u)
+    torch.testing.assert_close(compiled_out, eager_out)
+    g = torch.randn_like(eager_out)
+    grads = torch.autograd.grad((eager_out * g).sum(), [u, *layer.parameters()])
+    compiled_grads = torch.autograd.grad((compiled_out * g).sum(), [u, *layer.parameters()])
+    for a, b in zip(grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_mamba_layers_the_model_is_unchanged():
+    """mamba2_* settings alone change nothing: same parameter names, same initial weights."""
+    plain = tiny(mamba_layers=[])
+    other = tiny(mamba_layers=[], mamba2_num_heads=3)  # would not fit n_embd: not checked, as it is not used
+    assert_same_tensors(plain.state_dict(), other.state_dict(), "mamba2_* settings without mamba_layers")
+    assert not any("mamba" in k for k in plain.state_dict())
+    hybrid = tiny()
+    assert [hasattr(b, "mamba") for b in hybrid.transformer.h] == [True, False, True]
+    assert not hasattr(hybrid.transformer.h[0], "attn")
+
+
+@pytest.mark.slow
+def test_hybrid_moe_trains_is_killed_resumes_bit_exact_and_samples(shakespeare_data, tmp_path):
+    """Mamba + MLA + MoE from the command line: a run killed by SIGKILL after its third checkpoint and resumed
+    ends with the parameters of the same run left alone; sample.py generates from it past block_size, with the
+    recurrent cache and without; export.py refuses it in one line."""
+    args = ["--max_iters=6", "--eval_interval=3", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
+            "--attn=mla", "--kv_latent_dim=16", "--d_rope=8", "--pos_emb=rope", "--dropout=0.1",
+            "--batch_size=4", "--block_size=20", *MAMBA_FLAGS]
+    straight = tmp_path / "straight"
+    run(train_args(shakespeare_data, straight, *args), cwd=tmp_path)
+    killed = train_args(shakespeare_data, tmp_path / "killed", *args)[1:]
+    kill_after_saves(killed, tmp_path, n_saves=3)
+    kill_point = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 0 < kill_point < 6
+    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
+    a = checkpoint.load_checkpoint(straight / "ckpt.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "killed" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 6 and a["model_args"]["mamba_layers"] == [0]
+    assert_same_tensors(a["model"], b["model"], f"hybrid after a kill at {kill_point}")
+    assert "transformer.h.0.mamba.A_log" in a["model"] and "transformer.h.1.attn.kv_a_proj.weight" in a["model"]
+
+    for kv_cache in (True, False):
+        r = run(["sample.py", f"--out_dir={straight}", "--device=cpu", "--num_samples=1", "--max_new_tokens=30",
+                 f"--kv_cache={kv_cache}", "--start=ROMEO:"], cwd=tmp_path)
+        assert r.stdout.count("---------------") == 1 and r.stdout.startswith("ROMEO:")
+    r = run(["export.py", f"--out_dir={straight}"], cwd=tmp_path, check=False)
+    assert_user_error(r, "Mamba layers")
+    assert not (straight / "hf").exists()
+
+
+def test_bench_times_a_hybrid(tmp_path, monkeypatch, capfd):
+    r = run_in_process("bench.py", ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
+             "--block_size=16", "--batch_size=2", "--vocab_size=64", "--bench_variants=dense", "--bench_warmup=1",
+             "--bench_steps=2", "--bench_checkpoint=False", *MAMBA_FLAGS], tmp_path, monkeypatch, capfd)
+    assert r.returncode in (0, None), r.stderr
+    assert "Mamba2 layers [0]" in r.stdout and " ms/step" in r.stdout
