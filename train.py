@@ -314,7 +314,8 @@ def describe_run(model, cfg, proc, tokens_per_iter):
         # (measured on the CPU recipe), so that speed gives the estimate
         seconds = model.flops_per_token() * tokens / cpu_matmul_flops()
         if seconds > 30 * 60:
-            recipe = "train_shakespeare_moe_cpu.py" if hasattr(model, "moe_layers") else "train_shakespeare_char_cpu.py"
+            recipe = ("train_shakespeare_hybrid_cpu.py" if model.config.mamba_layers else
+                      "train_shakespeare_moe_cpu.py" if hasattr(model, "moe_layers") else "train_shakespeare_char_cpu.py")
             print(f"note: this config is sized for a GPU: on this CPU it would take about {seconds / 3600:.1f} hours "
                   f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 

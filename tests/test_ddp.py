@@ -179,6 +179,18 @@ def test_global_balance_loss_two_ranks_equal_one_process_on_both_batches(moe_glo
     assert_same_as_one_process(out)
 
 
+def test_hybrid_two_ranks_equal_one_process_on_both_batches(runs_dir, shakespeare_data):
+    """A Mamba2 layer (layer 0; block 10 = chunks of 4, the last padded) before an attention layer, MoE FFNs:
+    DDP all-reduces the Mamba2 parameters' gradients like any other's."""
+    out, r = train_2ranks(runs_dir, shakespeare_data, "hybrid",
+                          ["--n_experts=4", "--moe_top_k=2", "--block_size=10", "--batch_size=2",
+                           "--gradient_accumulation_steps=4", "--mamba_layers=[0]", "--mamba2_num_heads=4",
+                           "--mamba2_head_dim=16", "--mamba2_state_size=8", "--mamba2_chunk_size=4"])
+    assert_ok(r)
+    assert "transformer.h.0.mamba.A_log" in load_checkpoint(out / "ckpt.pt")["model"]
+    assert_same_as_one_process(out)
+
+
 def _aux_free_rank(rank, init_file, results):
     import torch.distributed as dist
     from moe_model import MoEConfig, MoEGPT
