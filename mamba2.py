@@ -70,19 +70,17 @@ class Mamba2(nn.Module):
         with torch.autocast(device_type=u.device.type, enabled=False):
             ssm = torch.promote_types(self.A_log.dtype, torch.float32)
             x_BTHP = x.to(ssm).view(Bsz, T, H, P)
-            # each group's B and C serve its H / G heads
-            B_BTHN = B.to(ssm).view(Bsz, T, G, N).repeat_interleave(H // G, dim=2)
-            C_BTHN = C.to(ssm).view(Bsz, T, G, N).repeat_interleave(H // G, dim=2)
+            B_BTGN, C_BTGN = B.to(ssm).view(Bsz, T, G, N), C.to(ssm).view(Bsz, T, G, N)  # each serves H / G heads
             dt_BTH = F.softplus(dt.to(ssm) + self.dt_bias.to(ssm))
             A_H = -torch.exp(self.A_log.to(ssm))
             state_BHPN = cache.get(self.layer_idx, "ssm") if cache is not None else None
             if cache is not None and T == 1:  # a generation step: the recurrence itself, O(1) per token
                 if state_BHPN is None:
                     state_BHPN = x_BTHP.new_zeros(Bsz, H, P, N)
-                y, state_BHPN = ssd_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTHN[:, 0], C_BTHN[:, 0], state_BHPN)
+                y, state_BHPN = ssd_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], state_BHPN)
                 y_BTHP = y[:, None]
             else:
-                y_BTHP, state_BHPN = ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTHN, C_BTHN, self.chunk_size, state_BHPN)
+                y_BTHP, state_BHPN = ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, self.chunk_size, state_BHPN)
             if cache is not None:
                 cache.put(self.layer_idx, "ssm", state_BHPN)
             y_BTHP = y_BTHP + self.D.to(ssm)[:, None] * x_BTHP
@@ -104,48 +102,55 @@ class Mamba2(nn.Module):
         return self.conv1d(x_BCT).transpose(1, 2)  # no padding in conv1d: keep + T inputs give T outputs
 
 
-def ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTHN, C_BTHN, chunk_size, state_BHPN=None):
+def ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size, state_BHPN=None):
     """The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t over a whole sequence, computed
-    chunk by chunk (B batch, T time, H heads, P head_dim, N state_size; per chunk, L positions l and s).
-    state_BHPN: the state before the first position (None = zeros). -> (y (B, T, H, P), state after the last)."""
+    chunk by chunk. B batch, T time, H heads, P head_dim, N state_size; G groups of R = H / G heads sharing B
+    and C (head h = g * R + r); per chunk, L positions l and s. state_BHPN: the state before the first
+    position (None = zeros). -> (y (B, T, H, P), the state after the last position)."""
     Bsz, T, H, P = x_BTHP.shape
-    N = B_BTHN.size(-1)
+    G, N = B_BTGN.shape[2:]
+    R = H // G
     pad = -T % chunk_size
     if pad:  # steps with dt = 0 at the end: exp(0 * A) = 1 and dt * x = 0 leave the state as it is
-        x_BTHP, dt_BTH, B_BTHN, C_BTHN = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-                                          for t in (x_BTHP, dt_BTH, B_BTHN, C_BTHN))
+        x_BTHP, dt_BTH, B_BTGN, C_BTGN = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+                                          for t in (x_BTHP, dt_BTH, B_BTGN, C_BTGN))
     nc, L = (T + pad) // chunk_size, chunk_size
-    xdt_BCLHP = (x_BTHP * dt_BTH[..., None]).view(Bsz, nc, L, H, P)  # what each step writes is dt_t x_t
-    B_BCLHN, C_BCLHN = B_BTHN.view(Bsz, nc, L, H, N), C_BTHN.view(Bsz, nc, L, H, N)
+    xdt_BCLGRP = (x_BTHP * dt_BTH[..., None]).view(Bsz, nc, L, G, R, P)  # what each step writes is dt_t x_t
+    B_BCLGN, C_BCLGN = B_BTGN.view(Bsz, nc, L, G, N), C_BTGN.view(Bsz, nc, L, G, N)
     logdecay_BCLH = (dt_BTH * A_H).view(Bsz, nc, L, H)  # log of each step's decay, <= 0
     cum_BCLH = logdecay_BCLH.cumsum(dim=2)  # log of the decay from the chunk's start through position l
 
-    # 1. inside each chunk: y_l = sum over s <= l of (C_l . B_s) * decay(s -> l) * dt_s x_s, attention-like
+    # 1. inside each chunk: y_l = sum over s <= l of (C_l . B_s) * decay(s -> l) * dt_s x_s, attention-like.
+    # C . B is computed once per group, the decays per head
     decay_BCHLS = torch.exp(segment_sums(logdecay_BCLH.transpose(2, 3)))  # 0 where s is after l
-    scores_BCHLS = torch.einsum("bclhn,bcshn->bchls", C_BCLHN, B_BCLHN) * decay_BCHLS
-    y_BCLHP = torch.einsum("bchls,bcshp->bclhp", scores_BCHLS, xdt_BCLHP)
+    CB_BCGLS = torch.einsum("bclgn,bcsgn->bcgls", C_BCLGN, B_BCLGN)
+    scores_BCGRLS = CB_BCGLS[:, :, :, None] * decay_BCHLS.view(Bsz, nc, G, R, L, L)
+    y_BCLGRP = torch.einsum("bcgrls,bcsgrp->bclgrp", scores_BCGRLS, xdt_BCLGRP)
 
     # 2. what each chunk's own inputs leave in the state at its end (decayed from s to the chunk's last step)
-    decay_to_end_BCSH = decay_BCHLS[:, :, :, -1, :].transpose(2, 3)
-    written_BCHPN = torch.einsum("bcshn,bcshp->bchpn", B_BCLHN, xdt_BCLHP * decay_to_end_BCSH[..., None])
+    decay_to_end_BCSGR = decay_BCHLS[:, :, :, -1, :].transpose(2, 3).reshape(Bsz, nc, L, G, R)
+    written_BCGRPN = torch.einsum("bcsgn,bcsgrp->bcgrpn", B_BCLGN, xdt_BCLGRP * decay_to_end_BCSGR[..., None])
 
     # 3. across chunks: the state entering each chunk. With g_c the chunk's total log-decay, the state after
     # chunk c is exp(g_c) * (state before it) + written_c: the same recurrence, one step per chunk, which we
     # also write as a (tiny, nc + 1 square) masked product instead of a Python loop
     if state_BHPN is None:
         state_BHPN = x_BTHP.new_zeros(Bsz, H, P, N)
-    states_BZHPN = torch.cat([state_BHPN[:, None], written_BCHPN], dim=1)  # z = 0: the initial state
+    states_BZHPN = torch.cat([state_BHPN[:, None], written_BCGRPN.reshape(Bsz, nc, H, P, N)], dim=1)  # z=0: initial
     chunk_decay_BHZZ = torch.exp(segment_sums(F.pad(cum_BCLH[:, :, -1].transpose(1, 2), (1, 0))))
     states_BZHPN = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay_BHZZ, states_BZHPN)  # [z]: after chunk z - 1
 
     # 4. the entering state's part of each position's output, decayed from the chunk's start through l
-    entering_BCHPN = states_BZHPN[:, :-1]
-    y_BCLHP = y_BCLHP + torch.einsum("bclhn,bchpn->bclhp", C_BCLHN, entering_BCHPN) * cum_BCLH.exp()[..., None]
-    return y_BCLHP.reshape(Bsz, nc * L, H, P)[:, :T], states_BZHPN[:, -1]
+    entering_BCGRPN = states_BZHPN[:, :-1].reshape(Bsz, nc, G, R, P, N)
+    y_BCLGRP = y_BCLGRP + (torch.einsum("bclgn,bcgrpn->bclgrp", C_BCLGN, entering_BCGRPN)
+                           * cum_BCLH.exp().view(Bsz, nc, L, G, R)[..., None])
+    return y_BCLGRP.reshape(Bsz, nc * L, H, P)[:, :T], states_BZHPN[:, -1]
 
 
-def ssd_step(x_BHP, dt_BH, A_H, B_BHN, C_BHN, state_BHPN):
+def ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN):
     """One position of the recurrence: -> (y (B, H, P), the new state (B, H, P, N))."""
+    R = x_BHP.size(1) // B_BGN.size(1)
+    B_BHN, C_BHN = B_BGN.repeat_interleave(R, dim=1), C_BGN.repeat_interleave(R, dim=1)  # each head its group's
     decay_BH = torch.exp(dt_BH * A_H)
     state_BHPN = decay_BH[..., None, None] * state_BHPN + (dt_BH[..., None] * x_BHP)[..., None] * B_BHN[:, :, None, :]
     return torch.einsum("bhpn,bhn->bhp", state_BHPN, C_BHN), state_BHPN

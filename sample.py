@@ -34,7 +34,7 @@ seed: Valid(min=0, max=MAX_SEED) = 1337
 device = "auto"
 dtype: Valid(choices=DTYPES) = "auto"
 stream = False  # print tokens as they are generated (one sample at a time)
-kv_cache = True  # keep keys/values (MLA: latents; Mamba2: conv inputs and state) of past tokens instead of re-running the context each token
+kv_cache = True  # keep past keys/values (MLA: latents; Mamba2: a fixed state) instead of re-running the context
 bench_context: Valid(min=0) = 0  # > 0: time generation instead: random prompt + max_new_tokens = this many tokens, num_samples runs
 # -----------------------------------------------------------------------------
 KEYS = script_keys(globals())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+from common import UserError
 from conftest import assert_user_error, run, train_args
 from mamba2 import Mamba2, ssd_chunked
 from model import GPT, GPTConfig, KVCache, cache_values_per_token
@@ -49,29 +50,37 @@ def sequential_recurrence(x, dt, A, B, C, h):
     return y, h
 
 
-def random_scan_inputs(T, batch=2, H=3, P=4, N=5, seed=0):
+def random_scan_inputs(T, batch=2, H=4, P=3, N=5, G=2, seed=0):
+    """x, dt, A, B and C per group (G groups of H / G heads), and an initial state, in float64."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     dt = torch.nn.functional.softplus(r(batch, T, H))  # steps > 0
     A = -torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.1  # decays < 1
-    return r(batch, T, H, P), dt, A, r(batch, T, H, N), r(batch, T, H, N), r(batch, H, P, N)
+    return r(batch, T, H, P), dt, A, r(batch, T, G, N), r(batch, T, G, N), r(batch, H, P, N)
 
 
+def per_head(B_group, H):
+    """Group g's B (or C) for each of its heads: heads g * H/G .. (g + 1) * H/G - 1."""
+    return torch.stack([B_group[:, :, h // (H // B_group.size(2))] for h in range(H)], dim=2)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])
-def test_chunked_scan_equals_the_sequential_recurrence(chunk):
+def test_chunked_scan_equals_the_sequential_recurrence(chunk, groups):
     """T = 11: a multiple of no chunk size here but 1 (3 and 4 pad the last chunk; 16 is one padded chunk),
-    from a non-zero initial state, in float64."""
-    x, dt, A, B, C, h0 = random_scan_inputs(T=11)
+    from a non-zero initial state, 4 heads sharing B and C in 1, 2 or 4 groups, in float64."""
+    x, dt, A, B, C, h0 = random_scan_inputs(T=11, G=groups)
     y, h = ssd_chunked(x, dt, A, B, C, chunk, h0)
-    y_ref, h_ref = sequential_recurrence(x, dt, A, B, C, h0)
+    y_ref, h_ref = sequential_recurrence(x, dt, A, per_head(B, 4), per_head(C, 4), h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
     y0, _ = ssd_chunked(x, dt, A, B, C, chunk)  # no initial state: zeros
-    torch.testing.assert_close(y0, sequential_recurrence(x, dt, A, B, C, torch.zeros_like(h0))[0])
+    torch.testing.assert_close(y0, sequential_recurrence(x, dt, A, per_head(B, 4), per_head(C, 4),
+                                                         torch.zeros_like(h0))[0])
 
 
 def test_scan_gradients_match_finite_differences():
-    inputs = [t.requires_grad_() for t in random_scan_inputs(T=5, batch=1, H=2, P=2, N=3)]
+    inputs = [t.requires_grad_() for t in random_scan_inputs(T=5, batch=1, H=2, P=2, N=3, G=1)]
     assert torch.autograd.gradcheck(lambda *a: ssd_chunked(*a[:5], 2, a[5]), inputs)
 
 
@@ -213,3 +222,17 @@ def test_bench_times_a_hybrid(tmp_path, monkeypatch, capfd):
              "--bench_steps=2", "--bench_checkpoint=False", *MAMBA_FLAGS], tmp_path, monkeypatch, capfd)
     assert r.returncode in (0, None), r.stderr
     assert "Mamba2 layers [0]" in r.stdout and " ms/step" in r.stdout
+
+
+@pytest.mark.slow
+def test_hugging_face_weights_cannot_start_a_hybrid(tmp_path):
+    """init_from='hf:...' (or 'gpt2') with mamba_layers: the weights have attention in every layer."""
+    pytest.importorskip("transformers")
+    from hf_interop import model_for_training
+    from test_hf_formats import random_hf
+    from train import KEYS
+    random_hf("llama", tmp_path / "llama")
+    cfg = {**{k: key.default for k, key in KEYS.items()}, "init_from": f"hf:{tmp_path / 'llama'}",
+           "block_size": 32, **MAMBA, "mamba_layers": [0]}
+    with pytest.raises(UserError, match=r"another model shape \(mamba_layers: config \[0\] vs checkpoint \[\]\)"):
+        model_for_training(cfg, explicit={"mamba_layers"})
