@@ -544,7 +544,7 @@ class GPT(nn.Module):
         no_decay = {id(p) for m in self.modules() for name, p in m.named_parameters(recurse=False)
                     if name.endswith("bias") or isinstance(m, (nn.LayerNorm, nn.RMSNorm))
                     or (isinstance(m, FGram) and name == "scale")
-                    or (isinstance(m, Mamba2) and name in ("A_log", "D"))}  # (and dt_bias): as Mamba2 does
+                    or (isinstance(m, Mamba2) and name in ("A_log", "D"))}  # (dt_bias ends in "bias"): as Mamba2 does
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
