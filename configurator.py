@@ -218,6 +218,8 @@ def print_help(keys):
           "(the README's table says what each means):")
     for key, spec in keys.items():
         valid = spec.rule() or (" | ".join(map(repr, spec.choices)) if spec.choices else "")
+        if valid and takes_list(spec):
+            valid = "each " + valid
         print(f"  --{key}={spec.default!r}" + (f"  [{valid}]" if valid else "") + (f"  # {spec.help}" if spec.help else ""))
     sys.exit(0)
 
