@@ -9,7 +9,7 @@ import torch
 
 import checkpoint
 from common import UserError
-from conftest import assert_user_error, run, train_args
+from conftest import assert_user_error, run, start, train_args
 from mamba2 import Mamba2, ssd_chunked
 from model import GPT, GPTConfig, KVCache, cache_values_per_token
 from moe_model import MoEConfig, MoEGPT
@@ -195,12 +195,13 @@ def test_hybrid_moe_trains_is_killed_resumes_bit_exact_and_samples(shakespeare_d
             "--attn=mla", "--kv_latent_dim=16", "--d_rope=8", "--pos_emb=rope", "--dropout=0.1",
             "--batch_size=4", "--block_size=20", *MAMBA_FLAGS]
     straight = tmp_path / "straight"
-    run(train_args(shakespeare_data, straight, *args), cwd=tmp_path)
+    alone = start(train_args(shakespeare_data, straight, *args), cwd=tmp_path)  # runs alongside
     killed = train_args(shakespeare_data, tmp_path / "killed", *args)[1:]
     kill_after_saves(killed, tmp_path, n_saves=3)
     kill_point = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["iter_num"]
     assert 0 < kill_point < 6
     run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
+    assert alone.wait(timeout=120) == 0, alone.stdout.read()
     a = checkpoint.load_checkpoint(straight / "ckpt.pt")
     b = checkpoint.load_checkpoint(tmp_path / "killed" / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 6 and a["model_args"]["mamba_layers"] == [0]
