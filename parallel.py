@@ -69,12 +69,12 @@ def check_sharding(cfg, proc):
     if ep > 1 and n_experts % ep:
         raise UserError(f"ep_size={ep} does not divide n_experts={n_experts}: each process holds n_experts / ep_size "
                         f"experts; use an ep_size that divides {n_experts}")
-    if proc.world_size % ep:
-        raise UserError(f"ep_size={ep} does not divide the world size {proc.world_size} (the processes torchrun "
-                        f"starts); use an ep_size that divides {proc.world_size}, or --ep_size=1")
     if cfg.fsdp and ep > 1:
         raise UserError(f"fsdp=True with ep_size={ep} is not supported yet: choose one (--fsdp=False for expert "
                         f"parallel with the dense part data-parallel, or --ep_size=1 for FSDP)")
+    if proc.world_size % ep:
+        raise UserError(f"ep_size={ep} does not divide the world size {proc.world_size} (the processes torchrun "
+                        f"starts); use an ep_size that divides {proc.world_size}, or --ep_size=1")
     if proc.sharding and proc.compile:
         raise UserError("fsdp / ep_size > 1 with torch.compile is untested here; add --compile=False")
     if cfg.fsdp and proc.dtype == "float16":

@@ -212,13 +212,6 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     assert not (out / ".tmp-ckpt.dcp").exists() and not (out / "ckpt-99.dcp").exists()
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--ep_size=2", "--n_experts=0"], ["ep_size=2", "dense", "--ep_size=1"]),
-    (["--ep_size=3", "--n_experts=4"], ["ep_size=3 does not divide n_experts=4"]),
-    (["--ep_size=2", "--n_experts=4"], ["ep_size=2 does not divide the world size 1"]),
-], ids=["ep-dense", "ep-experts", "ep-world"])
-def test_bad_sharding_settings(shakespeare_data, tmp_path, extra, words):
-    r = run(["train.py", *TINY, *data_args(shakespeare_data), f"--out_dir={tmp_path / 'out'}", *extra], cwd=tmp_path,
-            check=False)
-    assert_user_error(r, *words)
-    assert not (tmp_path / "out").exists()
+def test_consolidate_without_a_sharded_checkpoint(tmp_path):
+    r = run(["checkpoint.py", tmp_path], cwd=tmp_path, check=False)
+    assert_user_error(r, "has no sharded checkpoint (ckpt.dcp)")  # the other bad inputs: tests/test_reliability.py

@@ -591,6 +591,15 @@ BAD_INPUTS = [
      ["fgram_buckets=0", "must be >= 1"]),
     ("resume-other-attention", "train.py", ["--init_from=resume", "--attn=mla", "--kv_latent_dim=16", "--d_rope=8"],
      None, ["another model shape", "attn: config 'mla' vs checkpoint 'mha'"]),
+    # FSDP and expert parallel (parallel.check_sharding): the checks that a single process reaches
+    ("ep_size-dense-model", "train.py", ["--ep_size=2"], None, ["ep_size=2", "dense (n_experts=0)", "--ep_size=1"]),
+    ("ep_size-not-dividing-n_experts", "train.py", ["--ep_size=3", "--n_experts=4"], None,
+     ["ep_size=3 does not divide n_experts=4"]),
+    ("ep_size-not-dividing-world-size", "train.py", ["--ep_size=2", "--n_experts=4"], None,
+     ["ep_size=2 does not divide the world size 1"]),
+    ("ep_size-zero", "train.py", ["--ep_size=0"], None, ["ep_size=0", ">= 1"]),
+    ("fsdp-with-ep_size", "train.py", ["--fsdp=True", "--ep_size=2", "--n_experts=4"], None,
+     ["fsdp=True with ep_size=2 is not supported"]),
 ]
 
 
