@@ -4,6 +4,7 @@ ranks (ep=2 x dp=2) on gloo, started by torch.multiprocessing. Each rank also co
 (the full model on every rank's batch, as one process would): its outputs, losses and expert load on this
 rank's batch must match, and every parameter's gradient, the expert ones gathered over the ep group.
 """
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -15,15 +16,19 @@ import expert_parallel
 import parallel
 from moe_model import MoEConfig, MoEGPT
 
-# 8 experts, top-1, 6 tokens per rank: most experts get no token from a rank, some from no rank at all
-SHAPE = dict(block_size=6, vocab_size=32, n_layer=2, n_head=2, n_embd=16, n_experts=8, moe_top_k=1, moe_every=1,
+# 8 experts, top-1, 5 tokens per rank: most experts get no token from a rank, some from no rank at all (and no
+# expert's mean load over 2 or 4 ranks is exactly 1/8, where the aux-free bias's sign would hang on rounding)
+SHAPE = dict(block_size=5, vocab_size=32, n_layer=2, n_head=2, n_embd=16, n_experts=8, moe_top_k=1, moe_every=1,
              dropout=0.0, balance_mode="aux")
-IMPLS = ("loop", "grouped")
+# (expert implementation, routing settings): both implementations, the step-wide balance loss (f counted over
+# every rank's batch), and the aux-free bias (moved by the load of all ranks)
+VARIANTS = [("loop", {}), ("grouped", {}), ("loop", {"balance_scope": "global", "balance_loss_weight": 1.0}),
+            ("grouped", {"balance_mode": "aux_free", "bias_update_rate": 0.1})]
 
 
 def _batches(world_size):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randint(0, 32, (1, 6), generator=g), torch.randint(0, 32, (1, 6), generator=g))
+    return [(torch.randint(0, 32, (1, 5), generator=g), torch.randint(0, 32, (1, 5), generator=g))
             for _ in range(world_size)]
 
 
@@ -34,13 +39,15 @@ def _rank(rank, world_size, ep_size, init_file, results):
                            sharding="ep")
     cfg = SimpleNamespace(fsdp=False, ep_size=ep_size)
     batches = _batches(world_size)
+    one = SimpleNamespace(ddp=False)
     out = {}
-    for impl in IMPLS:
+    for impl, routing in VARIANTS:
         torch.manual_seed(0)
-        ref = MoEGPT(MoEConfig(**SHAPE, moe_impl=impl))
-        model = MoEGPT(MoEConfig(**SHAPE, moe_impl=impl))
+        ref = MoEGPT(MoEConfig(**{**SHAPE, **routing}, moe_impl=impl))
+        model = MoEGPT(MoEConfig(**{**SHAPE, **routing}, moe_impl=impl))
         model.load_state_dict(ref.state_dict())
         # the reference: one process, every rank's batch, the gradient DDP would average
+        ref.start_step(batches, nullcontext(), one)
         ref_extra = None
         for r, (x, y) in enumerate(batches):
             logits, loss, extra = ref(x, y)
@@ -48,6 +55,7 @@ def _rank(rank, world_size, ep_size, init_file, results):
             if r == rank:
                 ref_logits, ref_loss, ref_extra = logits.detach(), loss.detach(), extra
         ddp = parallel.shard(model, cfg, proc)
+        model.start_step(batches[rank:rank + 1], nullcontext(), proc)
         x, y = batches[rank]
         logits, loss, extra = ddp(x, y)
         (loss + extra["aux_loss"]).backward()
@@ -69,7 +77,17 @@ def _rank(rank, world_size, ep_size, init_file, results):
         # the norm the clip sees is the whole model's
         ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
         torch.testing.assert_close(parallel.clip_gradients(model, 1e9, proc), ref_norm)
-        out[impl] = extra["expert_load"]
+        # aux-free: the bias moves by every rank's load, the same on every rank and as in one process
+        ref.end_step(torch.stack([ref(x)[2]["expert_load"] for x, _ in batches]).mean(0), False, one)
+        model.end_step(extra["expert_load"].detach(), False, proc)
+        for ref_layer, layer in zip(ref.moe_layers(), model.moe_layers()):
+            if layer.expert_bias is not None:
+                torch.testing.assert_close(layer.expert_bias, ref_layer.expert_bias, rtol=0, atol=0)
+                assert layer.expert_bias.abs().sum() > 0
+                everyone = [torch.empty_like(layer.expert_bias) for _ in range(world_size)]
+                dist.all_gather(everyone, layer.expert_bias)
+                assert all(torch.equal(b, layer.expert_bias) for b in everyone)
+        out[(impl, str(routing))] = extra["expert_load"]
     results[rank] = out
     dist.destroy_process_group()
 
