@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import sys
+import warnings
 import zipfile
 from dataclasses import asdict
 
@@ -327,7 +328,11 @@ def load_sharded(path, model, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    with warnings.catch_warnings():
+        # one process without a process group (consolidating, resuming unsharded): DCP warns that it reads
+        # every shard itself, which is what we ask for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     state = expert_parallel.local_view(model, state)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -359,7 +364,9 @@ def main(argv):
         raise UserError(f"{args.out_dir} has no sharded checkpoint ({SHARDED}); a run without --fsdp / --ep_size "
                         f"saves ckpt.pt, which needs no conversion")
     dest = consolidate(args.out_dir, args.dest)
-    print(f"wrote {dest}: python sample.py --out_dir={args.out_dir} --ckpt={os.path.basename(dest)}")
+    beside = os.path.dirname(os.path.abspath(dest)) == os.path.abspath(args.out_dir)
+    print(f"wrote {dest}" + (f": python sample.py --out_dir={args.out_dir} --ckpt={os.path.basename(dest)}"
+                             if beside else ""))
 
 
 if __name__ == "__main__":
