@@ -255,7 +255,7 @@ def latest_checkpoint(out_dir):
     plain, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, SHARDED)
     if not os.path.exists(sharded):
         return plain
-    if os.path.exists(plain) and os.path.getmtime(plain) > os.path.getmtime(os.path.join(sharded, "meta.pt")):
+    if os.path.exists(plain) and os.path.getmtime(plain) > os.lstat(sharded).st_mtime:  # the link moves last
         return plain
     return sharded
 
