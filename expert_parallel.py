@@ -127,21 +127,20 @@ def clip_grad_norm_(model, max_norm):
 def global_view(model, state):
     """A checkpoint's {"model": ..., "optimizer": ...} state dicts with each expert tensor (and its Adam moments)
     as a DTensor: Shard(0) over ep, Replicate over dp. torch.distributed.checkpoint then writes each slice once
-    and can read it back into any other ep size. Shares the tensors' memory (no copy)."""
+    and can read it back into any other ep size. New dicts around the same tensors (no copy): the optimizer's
+    own state dicts, which get_optimizer_state_dict hands out, stay as they are."""
     mesh = mesh_of(model)
     if mesh is None:
         return state
-    names = set(expert_param_names(model))
 
     def wrap(t):
         return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
-    for name in names:
-        state["model"][name] = wrap(state["model"][name])
-        moments = state["optimizer"]["state"].get(name, {})
-        for k, v in moments.items():
-            if k != "step":  # Adam's step count is a scalar, the same on every rank
-                moments[k] = wrap(v)
-    return state
+    names = set(expert_param_names(model))
+    model_sd = {k: wrap(v) if k in names else v for k, v in state["model"].items()}
+    # Adam's step count is a scalar, the same on every rank: only the moments are slices
+    optim_state = {k: {m: wrap(v) if k in names and m != "step" else v for m, v in moments.items()}
+                   for k, moments in state["optimizer"]["state"].items()}
+    return {"model": model_sd, "optimizer": {**state["optimizer"], "state": optim_state}}
 
 
 def local_view(model, state):
