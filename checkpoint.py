@@ -212,8 +212,8 @@ def open_out_dir(out_dir):
     current = os.readlink(os.path.join(out_dir, SHARDED)) if os.path.islink(os.path.join(out_dir, SHARDED)) else None
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
-        if name.startswith(".tmp-") and not os.path.isdir(path):
-            os.remove(path)
+        if name.startswith(".tmp-") and (os.path.islink(path) or not os.path.isdir(path)):
+            os.remove(path)  # a file, or the new link of a sharded save
         elif name.startswith(".tmp-") or (name.startswith("ckpt-") and name.endswith(".dcp") and name != current):
             shutil.rmtree(path)  # a sharded save a kill cut short, before or after its rename
     return lock

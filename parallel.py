@@ -78,8 +78,8 @@ def check_sharding(cfg, proc):
     if proc.sharding and proc.compile:
         raise UserError("fsdp / ep_size > 1 with torch.compile is untested here; add --compile=False")
     if cfg.fsdp and proc.dtype == "float16":
-        raise UserError("fsdp=True with dtype float16 is not supported (its GradScaler is not set up for "
-                        "sharded gradients); use --dtype=bfloat16")
+        raise UserError("fsdp=True with dtype float16 is not supported (the GradScaler's skip over sharded "
+                        "gradients is untested here); use --dtype=bfloat16")
 
 
 def shard(model, cfg, proc):

@@ -216,12 +216,14 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     (out / ".tmp-ckpt.dcp").mkdir(exist_ok=True)
     (out / ".tmp-ckpt.dcp" / "__0_0.distcp").write_bytes(b"half")
     shutil.copytree(out / target, out / f"ckpt-{iter_num + 1}.dcp")  # renamed, not linked yet: not the latest
+    os.symlink(f"ckpt-{iter_num + 1}.dcp", out / ".tmp-ckpt.dcp.12345")  # the new link, before its rename
     # loadable: every tensor read back into one process (what a resume at any world size does)
     ckpt = consolidate(out, "loaded.pt")
     assert ckpt["iter_num"] == iter_num >= 3 and len(ckpt["rng"]) == 2
     # and the next run on out_dir clears what the cut-short saves left, keeping the linked one
     open_out_dir(out).close()
-    assert sorted(p.name for p in out.glob("*.dcp")) == [target, SHARDED] and not (out / ".tmp-ckpt.dcp").exists()
+    assert sorted(p.name for p in out.glob("*.dcp")) == [target, SHARDED]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_consolidate_without_a_sharded_checkpoint(tmp_path):
