@@ -66,6 +66,9 @@ def check_sharding(cfg, proc):
     if ep > 1 and n_experts == 0:
         raise UserError(f"ep_size={ep} splits the experts of an MoE model, but this model is dense (n_experts=0); "
                         f"use --ep_size=1, or set --n_experts")
+    if ep > 1 and cfg.n_layer < cfg.moe_every:
+        raise UserError(f"ep_size={ep} splits the experts of the MoE layers, but with n_layer={cfg.n_layer} and "
+                        f"moe_every={cfg.moe_every} the model has none; use --ep_size=1, or a smaller --moe_every")
     if ep > 1 and n_experts % ep:
         raise UserError(f"ep_size={ep} does not divide n_experts={n_experts}: each process holds n_experts / ep_size "
                         f"experts; use an ep_size that divides {n_experts}")

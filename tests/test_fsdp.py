@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +27,10 @@ from test_ddp import MOE_SPARSE, TINY, assert_same_as_one_process, data_args, to
 
 SHAPES = {"dense": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0),
           "moe": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=8,
-                      moe_top_k=1, balance_mode="aux_free", bias_update_rate=0.01)}
+                      moe_top_k=1, balance_mode="aux_free", bias_update_rate=0.01),
+          # f of the balance loss counted over the whole step, every micro-batch of both ranks
+          "moe_global": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=4,
+                             moe_top_k=2, balance_scope="global", balance_loss_weight=1.0)}
 STEPS, ACCUM = 2, 2  # optimizer steps, micro-steps per rank
 
 
@@ -43,6 +47,7 @@ def _train(model, optimizer, steps, proc, micro_batches, wrapped):
     losses = []
     for step in range(steps):
         batches = micro_batches(step)
+        model.start_step(batches, nullcontext(), proc)
         loads, total = [], 0.0
         for i, (x, y) in enumerate(batches):
             with parallel.accumulating(wrapped, i == len(batches) - 1 or not proc.ddp, proc):
@@ -111,7 +116,7 @@ def test_fsdp_two_ranks_equal_one_process_with_accumulation(tmp_path):
     results = mp.Manager().dict()
     # fork: the children start with this process's imports (spawn would import torch again in each)
     mp.start_processes(_fsdp_rank, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork")
-    assert dict(results) == {0: {"dense": True, "moe": True}, 1: {"dense": True, "moe": True}}
+    assert dict(results) == {rank: {name: True for name in SHAPES} for rank in range(2)}
 
 
 # ----------------------------------------------------------------------------- train.py under torchrun
