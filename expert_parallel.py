@@ -23,6 +23,8 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moe_grouped import grouped_experts
+
 
 class ExpertParallel:
     """One MoE layer's share of the experts and the ep group that holds the others (moe_model.MoE calls it)."""
@@ -42,15 +44,17 @@ class ExpertParallel:
         order_A = expert_A.argsort(stable=True)  # by expert, so each destination rank's rows are together
         token_A, slot_A, expert_A = token_A[order_A], slot_A[order_A], expert_A[order_A]
 
-        # counts first: send_SE[s, e] rows go to rank s's local expert e; recv_SE[s, e] come from rank s
-        send_SE = torch.bincount(expert_A, minlength=E).view(self.size, self.n_local)
-        recv_SE = torch.empty_like(send_SE)
-        dist.all_to_all_single(recv_SE, send_SE, group=self.group)
-        send_splits, recv_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
+        # counts first (S ranks in the ep group, N experts on each): send_SN[s, n] rows go to rank s's expert n,
+        # recv_SN[s, n] rows come from rank s for our expert n. The splits are Python ints: one host sync
+        send_SN = torch.bincount(expert_A, minlength=E).view(self.size, self.n_local)
+        recv_SN = torch.empty_like(send_SN)
+        dist.all_to_all_single(recv_SN, send_SN, group=self.group)
+        send_splits, recv_splits = send_SN.sum(1).tolist(), recv_SN.sum(1).tolist()
 
         # the rows: they arrive grouped by source rank, and by expert within each source
         x_RD = all_to_all_single_autograd(x_TD[token_A], recv_splits, send_splits, self.group)
-        local_R = torch.arange(self.n_local, device=x_TD.device).repeat(self.size).repeat_interleave(recv_SE.flatten())
+        local_R = torch.arange(self.n_local, device=x_TD.device).repeat(self.size).repeat_interleave(recv_SN.flatten())
+        # x_RD: R rows for this rank's experts; local_R: which of them each row goes through
         out_RD = run_local_experts(moe, x_RD, local_R)
         out_AD = all_to_all_single_autograd(out_RD, send_splits, recv_splits, self.group)
 
@@ -66,7 +70,6 @@ def run_local_experts(moe, x_RD, local_R):
     weight_R1 = torch.ones(expert_R1.shape, dtype=torch.float32, device=x_RD.device)
     keep_R1 = torch.ones_like(expert_R1, dtype=torch.bool)
     if moe.use_grouped(x_RD):
-        from moe_grouped import grouped_experts
         return grouped_experts(moe.experts, x_RD, expert_R1, weight_R1, keep_R1)
     return moe.experts.forward_loop(x_RD, expert_R1, weight_R1, keep_R1)
 
