@@ -178,10 +178,18 @@ def table(runs, best):
     return "\n".join(rows)
 
 
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("study.py needs matplotlib for its plots: pip install matplotlib") from None
+    return plt
+
+
 def plot(runs, corpus, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = dict(zip(dict.fromkeys(r["variant"] for r in runs), plt.rcParams["axes.prop_cycle"].by_key()["color"]
                       * 3))
@@ -205,6 +213,7 @@ def plot(runs, corpus, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    pyplot()  # now, not after an hour of training
     os.makedirs(args.docs, exist_ok=True)
     for corpus in args.corpora:
         runs, best = run_corpus(corpus, args)

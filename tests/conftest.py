@@ -20,8 +20,9 @@ import torch
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: kill-and-resume and Hugging Face interop tests; `pytest -m 'not slow'` "
-                                       "skips them for a quick loop (.ci/run and the README command run all)")
+    config.addinivalue_line("markers", "slow: kill-and-resume, torchrun, Hugging Face interop and whole-study "
+                                       "tests; `pytest -m 'not slow'` skips them for a quick loop (.ci/run and "
+                                       "the README command run all)")
 
 # the tests' models are tiny: one thread is fastest, and two threads on a busy 2-core machine mostly spin
 torch.set_num_threads(1)

@@ -1,0 +1,48 @@
+"""study.py: the dense-vs-MoE study runs its variants, tabulates seeds, and picks up where it stopped."""
+import json
+
+import pytest
+from conftest import assert_user_error, run
+
+
+@pytest.mark.slow  # five train.py runs
+def test_study_tables_seeds_and_resumes(tmp_path, shakespeare_data):
+    args = ["study.py", "--corpora=shakespeare_char", "--variants=dense,top2x8-aux,top1x8-switch", "--seeds=2",
+            "--max_iters=2", f"--data_root={shakespeare_data}", f"--work={tmp_path / 'work'}",
+            f"--docs={tmp_path / 'docs'}"]
+    first = run(args, cwd=tmp_path)
+    # one seed of every variant, then the extra seed of dense and of the best MoE only
+    runs = json.loads((tmp_path / "work" / "shakespeare_char" / "summary.json").read_text())
+    best = min((r for r in runs if r["variant"] != "dense"), key=lambda r: r["best_val"])["variant"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+        [("dense", 1337), ("top2x8-aux", 1337), ("top1x8-switch", 1337), ("dense", 1338), (best, 1338)])
+    assert first.stdout.count("== shakespeare_char ") == 5
+
+    rows = (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines()
+    by_variant = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows[2:]}
+    assert set(by_variant) == {"dense", "top1x8-switch", "top2x8-aux"} - {best} | {f"**{best}**"}
+    dense = by_variant["dense"]
+    dense_vals = [r["best_val"] for r in runs if r["variant"] == "dense"]
+    assert dense[0] == "2" and dense[1].startswith(f"{sum(dense_vals) / 2:.4f} ± ")
+    assert dense[2] == "4,096" and dense[4:] == ["-", "-", "-"]  # 2 steps x 2,048 tokens; no experts
+    moe = by_variant[f"**{best}**"]
+    assert moe[0] == "2" and 0 <= float(moe[4]) and 0 <= float(moe[5]) <= 1  # load CV, dead share
+    assert (tmp_path / "docs" / "study_cpu_shakespeare_char.png").stat().st_size > 10_000
+
+    # a second invocation trains nothing new: finished runs are read back, the table is the same
+    again = run(args, cwd=tmp_path)
+    assert "== " not in again.stdout
+    assert (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines() == rows
+
+
+def test_study_bad_input(tmp_path):
+    assert_user_error(run(["study.py", "--variants=dense,top9x8"], cwd=tmp_path, check=False),
+                      "unknown variants top9x8")
+    assert_user_error(run(["study.py", "--seeds=0"], cwd=tmp_path, check=False), "--seeds must be at least 1")
+    # matplotlib missing: said before any training, not after it
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    r = run(["study.py"], cwd=tmp_path, env={"PYTHONPATH": str(fake.parent)}, check=False)
+    assert_user_error(r, "study.py needs matplotlib for its plots: pip install matplotlib")
+    assert not (tmp_path / "out-study").exists() and not (tmp_path / "data").exists()
