@@ -125,6 +125,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.n_experts) if config.balance_mode == "aux_free"
                              else None)
         self.global_load = None  # balance_scope='global': f of the whole step (E,), set by MoEGPT.start_step
+        self.expert_parallel = None  # set by expert_parallel.shard_experts when the experts live on several ranks
         self.stats = {}
 
     def forward(self, x):
@@ -139,7 +140,9 @@ class MoE(nn.Module):
             keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
 
         # experts: the routing-weighted sum of each token's chosen experts
-        if self.use_grouped(x_TD):
+        if self.expert_parallel is not None:  # tokens travel to their experts' ranks and back (expert_parallel.py)
+            y_TD = self.expert_parallel(self, x_TD, expert_TK, weight_TK, keep_TK)
+        elif self.use_grouped(x_TD):
             y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK)
         else:
             y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)

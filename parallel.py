@@ -2,9 +2,19 @@
 Processes and devices for training, on PyTorch's own distributed engine: one process, or one per GPU (or
 CPU share) launched by torchrun. The helpers are no-ops in a single process, so train.py reads the same
 either way.
+
+How the model is spread over the processes (train.py --fsdp, --ep_size; DDP is the default):
+- DDP: every process holds the whole model and optimizer; gradients are averaged (train.py wraps it).
+- FSDP2 (fsdp=True, torch's fully_shard): each block, then the rest (embedding, tied head, final norm), is
+  one unit whose parameters, gradients and Adam moments are split over the processes and gathered for its
+  forward and backward only. An MoE block's stacked expert tensors belong to its block's unit: every rank
+  runs every expert (on zero rows if it got no token), so every rank joins every gather.
+- Expert parallel (ep_size > 1, expert_parallel.py): each MoE layer's experts split over ep_size processes;
+  the rest is DDP over all processes.
 """
 import os
 import signal
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -33,9 +43,11 @@ def setup_processes(cfg):
     use_compile = cfg.compile and compile_supported(device)
     if cfg.compile and not use_compile and rank == 0:
         print(f"note: torch.compile is off on device '{device}' (it is used on CUDA)")
+    # both flags take effect only under torchrun: one process holds everything anyway
+    sharding = ("fsdp" if cfg.fsdp else "ep" if cfg.ep_size > 1 else None) if ddp else None
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device.split(":")[0], dtype=pick_dtype(cfg.dtype, device),
-                           compile=use_compile)
+                           compile=use_compile, sharding=sharding)
 
 
 def join(proc, backend="auto"):
@@ -43,6 +55,91 @@ def join(proc, backend="auto"):
     if proc.ddp:
         dist.init_process_group(backend=backend if backend != "auto" else
                                 ("nccl" if proc.device_type == "cuda" else "gloo"))
+
+
+def check_sharding(cfg, proc):
+    """FSDP and expert parallel settings that cannot work, before any process group is joined."""
+    ep, n_experts = cfg.ep_size, cfg.n_experts
+    if cfg.fsdp and proc.device_type == "mps":
+        raise UserError("fsdp=True needs CUDA or CPU processes under torchrun (FSDP cannot shard over MPS); "
+                        "use --fsdp=False")
+    if ep > 1 and n_experts == 0:
+        raise UserError(f"ep_size={ep} splits the experts of an MoE model, but this model is dense (n_experts=0); "
+                        f"use --ep_size=1, or set --n_experts")
+    if ep > 1 and cfg.n_layer < cfg.moe_every:
+        raise UserError(f"ep_size={ep} splits the experts of the MoE layers, but with n_layer={cfg.n_layer} and "
+                        f"moe_every={cfg.moe_every} the model has none; use --ep_size=1, or a smaller --moe_every")
+    if ep > 1 and n_experts % ep:
+        raise UserError(f"ep_size={ep} does not divide n_experts={n_experts}: each process holds n_experts / ep_size "
+                        f"experts; use an ep_size that divides {n_experts}")
+    if cfg.fsdp and ep > 1:
+        raise UserError(f"fsdp=True with ep_size={ep} is not supported yet: choose one (--fsdp=False for expert "
+                        f"parallel with the dense part data-parallel, or --ep_size=1 for FSDP)")
+    if proc.world_size % ep:
+        raise UserError(f"ep_size={ep} does not divide the world size {proc.world_size} (the processes torchrun "
+                        f"starts); use an ep_size that divides {proc.world_size}, or --ep_size=1")
+    if proc.sharding and proc.compile:
+        raise UserError("fsdp / ep_size > 1 with torch.compile is untested here; add --compile=False")
+    if cfg.fsdp and proc.dtype == "float16":
+        raise UserError("fsdp=True with dtype float16 is not supported (the GradScaler's skip over sharded "
+                        "gradients is untested here); use --dtype=bfloat16")
+
+
+def shard(model, cfg, proc):
+    """Spread the model over the processes (in place: FSDP2 swaps its class, EP slices its experts), before the
+    optimizer sees its parameters. -> what the training loop calls: the FSDP module itself, or DDP around the
+    expert-parallel model. (torch's sharding modules are imported here: they take a second to import, which
+    every other run would pay.)"""
+    import expert_parallel
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if proc.sharding == "fsdp":
+        mesh = init_device_mesh(proc.device_type, (proc.world_size,), mesh_dim_names=("dp",))
+        # bf16 runs gather bf16 weights for the matmuls and reduce the gradients in fp32; the sharded master
+        # weights and Adam's moments stay fp32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if proc.dtype == "bfloat16" else MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest, with the tied embedding/head in one unit
+        return model
+    mesh = init_device_mesh(proc.device_type, (proc.world_size // cfg.ep_size, cfg.ep_size),
+                            mesh_dim_names=("dp", "ep"))
+    expert_parallel.shard_experts(model, mesh)
+    # DDP averages the dense gradients over all processes; the experts are synced by sync_gradients
+    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parallel.expert_param_names(model))
+    return DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+
+
+def accumulating(model, sync, proc):
+    """The context of one micro-step's forward and backward: gradients are synced only when `sync` (the last
+    micro-step). DDP skips it inside no_sync(); FSDP2 is told by set_requires_gradient_sync."""
+    if proc.sharding == "fsdp":
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else model.no_sync()
+
+
+def sync_gradients(model, proc):
+    """After the last micro-step's backward: what the wrappers do not sync themselves (the expert gradients)."""
+    if proc.sharding == "ep":
+        import expert_parallel
+        expert_parallel.sync_expert_grads(model, proc.world_size)
+
+
+def clip_gradients(model, max_norm, proc):
+    """clip_grad_norm_ over the whole model however it is spread; -> the total norm (a plain tensor)."""
+    if proc.sharding == "ep":
+        import expert_parallel
+        return expert_parallel.clip_grad_norm_(model, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if proc.sharding == "fsdp" else norm  # FSDP: a DTensor, summed over the shards
+
+
+def local_tensor(t):
+    """This process's part of a parameter (the whole tensor unless FSDP sharded it)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def finish(proc, lock=None):

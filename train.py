@@ -7,6 +7,9 @@ Several GPUs or nodes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
+or with the model spread over them instead of copied (parallel.py): --fsdp=True shards parameters, gradients
+and optimizer state (FSDP2); --ep_size=N splits each MoE layer's experts over groups of N processes.
+
 The model is an MoEGPT when the config asks for experts (n_experts > 0), a dense GPT otherwise. The loss
 optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z
 (the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
@@ -16,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import asdict
 from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
@@ -27,16 +30,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batches import TokenData
-from checkpoint import (TO_RESUME, check_out_dir, link_checkpoint, load_checkpoint, model_from_checkpoint,
-                        model_state, open_out_dir, restore_training_state, rng_state, save_checkpoint)
+from checkpoint import (SHARDED, TO_RESUME, check_out_dir, latest_checkpoint, link_checkpoint, load_checkpoint,
+                        load_sharded_meta, model_from_checkpoint, model_state, open_out_dir, remove_sharded,
+                        restore_training_state, rng_state, save_checkpoint, save_sharded)
 from common import DTYPES, MAX_SEED, UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
 from configurator import Valid, parse_args, script_keys
 from hf_interop import is_hf_init, model_for_training
 from metrics import MetricsLog
 from model import build_model, check_same_model, model_keys
 from moe_model import load_stats
-from parallel import (BACKENDS, any_rank, finish, gather_objects, install_stop_handlers, join, mean_over_ranks,
-                      setup_processes)
+from parallel import (BACKENDS, accumulating, any_rank, check_sharding, clip_gradients, finish, gather_objects,
+                      install_stop_handlers, join, local_tensor, mean_over_ranks, setup_processes, shard,
+                      sync_gradients)
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
@@ -73,6 +78,8 @@ lr_decay_iters: Valid(min=0) = 600000  # should be ~= max_iters per Chinchilla
 min_lr: Valid(min=0) = 6e-5  # should be ~= learning_rate/10 per Chinchilla
 # system
 backend: Valid(choices=BACKENDS) = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+fsdp = False  # under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2)
+ep_size: Valid(min=1) = 1  # under torchrun: split each MoE layer's experts over this many processes
 device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype: Valid(choices=DTYPES) = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
 compile = True  # torch.compile the model (turned off where it does not work: CPU, MPS)
@@ -100,18 +107,23 @@ def main():
 
     torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
     batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if proc.sharding:
+        if proc.master:
+            describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
+        model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                proc.device_type)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     if ckpt:
-        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
+        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc, raw_model)
         ckpt = None  # free the memory
-    model = torch.compile(raw_model) if proc.compile else raw_model
-    if proc.ddp:
-        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    if proc.master:
-        describe_run(raw_model, cfg, proc, tokens_per_iter)
+    if not proc.sharding:
+        model = torch.compile(raw_model) if proc.compile else raw_model
+        if proc.ddp:
+            model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+        if proc.master:
+            describe_run(raw_model, cfg, proc, tokens_per_iter)
     metrics, lock = None, None
     if proc.master:
         lock = open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
@@ -128,7 +140,8 @@ def main():
         finish(proc, lock)
         return
     stop_requested = install_stop_handlers(proc.master)
-    peak = gpu_peak_flops(proc.device, cfg.peak_flops)
+    # MFU counts the model's parameters, of which an expert-parallel rank holds only its share: not shown there
+    peak = gpu_peak_flops(proc.device, cfg.peak_flops) if proc.sharding != "ep" else None
     accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
     nonfinite = SimpleNamespace(pending=[], in_row=0, total=0)  # steps whose update was skipped
     model.train()
@@ -150,9 +163,9 @@ def main():
         raw_model.start_step(step_batches(data, cfg, batch_state, accum_steps, proc.device), ctx, proc)
         sums = {}
         for micro_step in range(accum_steps):
-            # under DDP gradients are all-reduced only on the last micro-step
+            # under DDP (FSDP) gradients are all-reduced (reduce-scattered) only on the last micro-step
             sync = not proc.ddp or micro_step == accum_steps - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
+            with accumulating(model, sync, proc), ctx:
                 _, loss, extra = model(x, y)
                 aux_loss = extra.get("aux_loss", 0.0)  # the MoE's weighted balance + z losses
             # the next batch is drawn while the GPU works on this one
@@ -164,9 +177,9 @@ def main():
                 if k != "aux_loss":
                     sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
 
+        sync_gradients(raw_model, proc)  # expert parallel: the experts' gradients (DDP synced the rest)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(raw_model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), proc)
         # a non-finite loss or gradient skips the update; the flag stays on the device (no host sync per step)
         # and is read at the next log step or save. Under fp16 the GradScaler skips inf gradients itself.
         bad = ~torch.isfinite(sums["loss"])
@@ -226,7 +239,8 @@ def load_config(argv):
     cfg = SimpleNamespace(**parse_args(KEYS, argv, explicit))
     ckpt = None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), needs=TO_RESUME)
+        path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
+        ckpt = load_sharded_meta(path, TO_RESUME) if path.endswith(SHARDED) else load_checkpoint(path, TO_RESUME)
         for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
             if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
                 setattr(cfg, k, v)
@@ -244,12 +258,16 @@ def check_run(cfg, proc):
     if cfg.init_from not in ("scratch", "resume") and not is_hf_init(cfg.init_from):
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
+    check_sharding(cfg, proc)
     check_out_dir(cfg.out_dir)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = latest_checkpoint(cfg.out_dir)
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
         # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
         raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
                         f"--out_dir (or delete the old run) to start a new one")
+    if cfg.init_from == "resume" and proc.sharding and not ckpt_path.endswith(SHARDED):
+        raise UserError(f"{ckpt_path} was saved unsharded; a --fsdp / --ep_size run resumes only its own sharded "
+                        f"checkpoints: resume it with --fsdp=False --ep_size=1")
     if cfg.wandb_log and proc.master:
         try:
             import wandb  # noqa: F401
@@ -454,6 +472,9 @@ def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, i
     """Save the resumable state to ckpt.pt (every rank gives its random states; rank 0 writes), and make
     best.pt the same file when the eval that asked for the save improved val loss."""
     states = gather_objects(rng_state(batch_state), run.proc)  # each rank draws its own batches
+    if run.proc.sharding:
+        save_sharded_run(run, reason, iter_num, best_val_loss, optimizer, scaler, states)
+        return
     if not run.proc.master:
         return
     if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
@@ -466,9 +487,29 @@ def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, i
             "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
     t0 = time.time()
     save_checkpoint(ckpt, run.ckpt_path)
+    remove_sharded(run.cfg.out_dir)  # a sharded run's checkpoint this one resumed from is older now
     print(f"saved checkpoint to {run.ckpt_path} ({reason}, {time.time() - t0:.2f}s)")
     if improved:
         link_checkpoint(run.ckpt_path, os.path.join(run.cfg.out_dir, "best.pt"))
+
+
+def save_sharded_run(run, reason, iter_num, best_val_loss, optimizer, scaler, states):
+    """save() for a sharded run: every rank writes its shards (checkpoint.save_sharded). No best.pt: a sharded
+    checkpoint is a folder, and keeping a second one would double the disk it takes."""
+    finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
+    if any_rank(not finite, run.proc):
+        if run.proc.master:
+            print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
+        return
+    model_keys_ = set(model_keys())
+    meta = {"model_args": asdict(run.raw_model.config), "tokenizer": run.tokenizer, "data": run.data_fingerprint,
+            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
+    t0 = time.time()
+    save_sharded(run.raw_model, optimizer, meta, run.cfg.out_dir, run.proc)
+    if run.proc.master:
+        print(f"saved sharded checkpoint to {os.path.join(run.cfg.out_dir, SHARDED)} ({reason}, "
+              f"{time.time() - t0:.2f}s)")
 
 
 def log_metrics(run, record):

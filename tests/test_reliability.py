@@ -609,6 +609,17 @@ BAD_INPUTS = [
     ("resume-with-mamba-layers", "train.py", ["--init_from=resume", "--mamba_layers=[0]", "--mamba2_num_heads=4",
                                               "--mamba2_head_dim=16"], None,
      ["another model shape", "mamba_layers: config [0] vs checkpoint []"]),
+    # FSDP and expert parallel (parallel.check_sharding): the checks that a single process reaches
+    ("ep_size-dense-model", "train.py", ["--ep_size=2"], None, ["ep_size=2", "dense (n_experts=0)", "--ep_size=1"]),
+    ("ep_size-not-dividing-n_experts", "train.py", ["--ep_size=3", "--n_experts=4"], None,
+     ["ep_size=3 does not divide n_experts=4"]),
+    ("ep_size-not-dividing-world-size", "train.py", ["--ep_size=2", "--n_experts=4"], None,
+     ["ep_size=2 does not divide the world size 1"]),
+    ("ep_size-zero", "train.py", ["--ep_size=0"], None, ["ep_size=0", ">= 1"]),
+    ("ep_size-no-moe-layer", "train.py", ["--ep_size=2", "--n_experts=4", "--moe_every=3"], None,
+     ["n_layer=2 and moe_every=3", "has none"]),
+    ("fsdp-with-ep_size", "train.py", ["--fsdp=True", "--ep_size=2", "--n_experts=4"], None,
+     ["fsdp=True with ep_size=2 is not supported"]),
 ]
 
 

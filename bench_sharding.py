@@ -1,0 +1,82 @@
+"""
+What each process holds under DDP, FSDP and expert parallel: one training step (forward, backward, AdamW) on
+random tokens, then every rank reports the bytes of the parameters, gradients and Adam moments it keeps and
+its peak resident memory (ru_maxrss). Takes train.py's config files and flags, launched like train.py:
+
+    torchrun --standalone --nproc_per_node=2 bench_sharding.py config/train_gpt2_moe.py --fsdp=True
+    torchrun --standalone --nproc_per_node=4 bench_sharding.py config/train_gpt2_moe.py --ep_size=4
+
+Every rank first builds the whole model (as train.py does) and then shards it, so the peak RSS includes one
+full copy of the fp32 weights whatever the mode; the held bytes are what a step needs afterwards.
+"""
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import autocast_context, run_cli
+from configurator import parse_args
+from model import build_model, model_keys
+from parallel import (accumulating, check_sharding, clip_gradients, finish, gather_objects, join, local_tensor,
+                      setup_processes, shard, sync_gradients)
+from train import RUN_KEYS
+
+KEYS = {**RUN_KEYS, **model_keys()}  # train.py's keys, vocab_size included (there is no dataset)
+
+
+def main():
+    cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:]))
+    proc = setup_processes(cfg)
+    check_sharding(cfg, proc)
+    join(proc, cfg.backend)
+    torch.manual_seed(cfg.seed)
+    raw = build_model(vars(cfg)).to(proc.device)
+    if proc.sharding:
+        model = shard(raw, cfg, proc)
+    else:
+        model = DDP(raw) if proc.ddp else raw
+    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), proc.device_type)
+    ctx = autocast_context(proc.device, proc.dtype)
+    gen = torch.Generator().manual_seed(cfg.seed + proc.rank)
+    times = []
+    for step in range(3):  # the first step allocates the gradients and Adam's moments; the others are timed
+        t0 = time.time()
+        x = torch.randint(0, raw.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen).to(proc.device)
+        with accumulating(model, True, proc), ctx:
+            _, loss, extra = model(x, x)
+        (loss + extra.get("aux_loss", 0.0)).backward()
+        sync_gradients(raw, proc)
+        clip_gradients(raw, cfg.grad_clip, proc)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep the gradients allocated: they are part of what a step needs
+        times.append(time.time() - t0)
+    held = {"params": sum(nbytes(p) for p in raw.parameters()),
+            "grads": sum(nbytes(p.grad) for p in raw.parameters() if p.grad is not None),
+            "adam": sum(nbytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    reports = gather_objects({**held, "peak_rss": peak_rss, "step_s": min(times[1:])}, proc)
+    if proc.master:
+        mode = proc.sharding or ("ddp" if proc.ddp else "one process")
+        n = sum(p.numel() for p in raw.parameters()) if not proc.sharding else None
+        print(f"{mode}, {proc.world_size} process(es){f', {n / 1e6:.1f}M parameters' if n else ''}")
+        for rank, r in enumerate(reports):
+            total = r["params"] + r["grads"] + r["adam"]
+            print(f"rank {rank}: params {gib(r['params'])} + grads {gib(r['grads'])} + adam {gib(r['adam'])} = "
+                  f"{gib(total)} GiB held; peak RSS {gib(r['peak_rss'])} GiB; step {r['step_s'] * 1000:.0f} ms")
+    finish(proc)
+
+
+def nbytes(t):
+    t = local_tensor(t)
+    return t.numel() * t.element_size()
+
+
+def gib(n):
+    return f"{n / 2**30:.3f}"
+
+
+if __name__ == "__main__":
+    run_cli(main)
