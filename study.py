@@ -72,6 +72,8 @@ def parse_args(argv):
                    help=f"comma list of {', '.join(VARIANTS)} (default: all but the sigmoid one)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for dense and the best MoE (default 3)")
     p.add_argument("--max_iters", type=int, help="override the scale's optimizer steps")
+    p.add_argument("--eval_iters", type=int, help="override the scale's eval batches per split (fewer: quicker, "
+                   "noisier curves)")
     p.add_argument("--max_chars", type=int, default=5_000_000, help="pystdlib: characters kept (default 5M)")
     p.add_argument("--data_root", default="data", help="where datasets are (prepared there when missing)")
     p.add_argument("--shakespeare_input", help="tiny-shakespeare input.txt to prepare from (default: download)")
@@ -84,8 +86,9 @@ def parse_args(argv):
         bad = [v for v in getattr(args, name) if v not in known]
         if bad:
             raise UserError(f"unknown {name} {', '.join(bad)} (known: {', '.join(known)})")
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    for name in ("seeds", "max_iters", "eval_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -108,6 +111,8 @@ def train_flags(corpus, variant, seed, args):
     if args.max_iters:
         settings.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters,
                         eval_interval=max(1, args.max_iters // 5))
+    if args.eval_iters:
+        settings.update(eval_iters=args.eval_iters)
     settings.update(VARIANTS[variant](4 * settings["n_embd"]))
     settings.update(dataset=corpus, data_root=args.data_root, seed=seed,
                     out_dir=os.path.join(args.work, corpus, f"{variant}-s{seed}"))

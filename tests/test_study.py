@@ -5,28 +5,29 @@ import pytest
 from conftest import assert_user_error, run
 
 
-@pytest.mark.slow  # five train.py runs
+@pytest.mark.slow  # three train.py runs
 def test_study_tables_seeds_and_resumes(tmp_path, shakespeare_data):
-    args = ["study.py", "--corpora=shakespeare_char", "--variants=dense,top2x8-aux,top1x8-switch", "--seeds=2",
-            "--max_iters=2", f"--data_root={shakespeare_data}", f"--work={tmp_path / 'work'}",
+    args = ["study.py", "--corpora=shakespeare_char", "--variants=top2x8-aux,top1x8-switch", "--seeds=2",
+            "--max_iters=2", "--eval_iters=2", f"--data_root={shakespeare_data}", f"--work={tmp_path / 'work'}",
             f"--docs={tmp_path / 'docs'}"]
     first = run(args, cwd=tmp_path)
-    # one seed of every variant, then the extra seed of dense and of the best MoE only
+    # one seed of every variant, then the extra seed of the best MoE only (and of dense, when it is studied)
     runs = json.loads((tmp_path / "work" / "shakespeare_char" / "summary.json").read_text())
-    best = min((r for r in runs if r["variant"] != "dense"), key=lambda r: r["best_val"])["variant"]
+    best = min(runs, key=lambda r: r["best_val"])["variant"]
     assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
-        [("dense", 1337), ("top2x8-aux", 1337), ("top1x8-switch", 1337), ("dense", 1338), (best, 1338)])
-    assert first.stdout.count("== shakespeare_char ") == 5
+        [("top2x8-aux", 1337), ("top1x8-switch", 1337), (best, 1338)])
+    assert first.stdout.count("== shakespeare_char ") == 3
 
     rows = (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines()
     by_variant = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows[2:]}
-    assert set(by_variant) == {"dense", "top1x8-switch", "top2x8-aux"} - {best} | {f"**{best}**"}
-    dense = by_variant["dense"]
-    dense_vals = [r["best_val"] for r in runs if r["variant"] == "dense"]
-    assert dense[0] == "2" and dense[1].startswith(f"{sum(dense_vals) / 2:.4f} ± ")
-    assert dense[2] == "4,096" and dense[4:] == ["-", "-", "-"]  # 2 steps x 2,048 tokens; no experts
+    other = ({"top1x8-switch", "top2x8-aux"} - {best}).pop()
+    assert set(by_variant) == {other, f"**{best}**"}
     moe = by_variant[f"**{best}**"]
-    assert moe[0] == "2" and 0 <= float(moe[4]) and 0 <= float(moe[5]) <= 1  # load CV, dead share
+    best_vals = [r["best_val"] for r in runs if r["variant"] == best]
+    assert moe[0] == "2" and moe[1].startswith(f"{sum(best_vals) / 2:.4f} ± ")  # mean ± spread of 2 seeds
+    assert moe[2] == "4,096"  # 2 steps x 2,048 tokens
+    assert 0 <= float(moe[4]) and 0 <= float(moe[5]) <= 1  # load CV, dead share
+    assert by_variant[other][0] == "1" and " ± " not in by_variant[other][1]
     assert (tmp_path / "docs" / "study_cpu_shakespeare_char.png").stat().st_size > 10_000
 
     # a second invocation trains nothing new: finished runs are read back, the table is the same
@@ -39,6 +40,7 @@ def test_study_bad_input(tmp_path):
     assert_user_error(run(["study.py", "--variants=dense,top9x8"], cwd=tmp_path, check=False),
                       "unknown variants top9x8")
     assert_user_error(run(["study.py", "--seeds=0"], cwd=tmp_path, check=False), "--seeds must be at least 1")
+    assert_user_error(run(["study.py", "--max_iters=0"], cwd=tmp_path, check=False), "--max_iters must be at least 1")
     # matplotlib missing: said before any training, not after it
     fake = tmp_path / "fake" / "matplotlib"
     fake.mkdir(parents=True)
