@@ -59,7 +59,7 @@ def main():
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     reports = gather_objects({**held, "peak_rss": peak_rss, "step_s": min(times[1:])}, proc)
     if proc.master:
-        mode = proc.sharding or ("ddp" if proc.ddp else "one process")
+        mode = "+".join(proc.sharding) or ("ddp" if proc.ddp else "one process")
         n = sum(p.numel() for p in raw.parameters()) if not proc.sharding else None
         print(f"{mode}, {proc.world_size} process(es){f', {n / 1e6:.1f}M parameters' if n else ''}")
         for rank, r in enumerate(reports):

@@ -288,8 +288,17 @@ def sharded_state(model, optimizer):
     tensor this rank holds; expert-parallel slices described as such (expert_parallel.global_view)."""
     import expert_parallel
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model),
+             "optimizer": get_optimizer_state_dict(model, optimizer, options=flat_optimizer_state())}
     return expert_parallel.global_view(model, state)
+
+
+def flat_optimizer_state():
+    """The optimizer's state keyed by parameter name, not by parameter group: runs that group the parameters
+    differently (FSDP with expert parallel splits each group in two, see GPT.configure_optimizers) read each
+    other's checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def save_sharded(model, optimizer, meta, out_dir, proc):
@@ -335,7 +344,7 @@ def load_sharded(path, model, optimizer):
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     state = expert_parallel.local_view(model, state)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat_optimizer_state())
 
 
 def consolidate(out_dir, dest=None):

@@ -114,50 +114,50 @@ def sync_expert_grads(model, world_size):
 
 def clip_grad_norm_(model, max_norm):
     """torch.nn.utils.clip_grad_norm_ over the whole model, whose expert gradients are split over the ep group:
-    the squared norm of the experts is summed over the group before it joins the dense part's. -> the norm."""
+    the squared norm of the experts is summed over the group before it joins the dense part's (a DTensor's
+    norm under FSDP, summed over its shards). -> the norm."""
     experts = set(expert_param_names(model))
     dense, expert = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (expert if name in experts else dense).append(p.grad)
-    expert_sq = torch.nn.utils.get_total_norm(expert).square()
+            (expert if name in experts else dense).append(p)
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in expert]).square()
     dist.all_reduce(expert_sq, group=mesh_of(model)["ep"].get_group())
-    total = (torch.nn.utils.get_total_norm(dense).square() + expert_sq).sqrt()
-    torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters()], max_norm, total)
+    dense_norm = torch.nn.utils.get_total_norm([p.grad for p in dense])
+    if isinstance(dense_norm, DTensor):
+        dense_norm = dense_norm.full_tensor()
+    total = (dense_norm.square() + expert_sq).sqrt()
+    for params in (dense, expert):  # FSDP's DTensors and the experts' plain tensors are scaled apart
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
 def global_view(model, state):
-    """A checkpoint's {"model": ..., "optimizer": ...} state dicts with each expert tensor (and its Adam moments)
-    as a DTensor: Shard(0) over ep, Replicate over dp. torch.distributed.checkpoint then writes each slice once
-    and can read it back into any other ep size. New dicts around the same tensors (no copy): the optimizer's
-    own state dicts, which get_optimizer_state_dict hands out, stay as they are."""
+    """A checkpoint's {"model": ..., "optimizer": ...} state dicts (the optimizer's flattened: one entry per
+    parameter and moment, "state.<name>.exp_avg") with each expert tensor and its Adam moments as a DTensor:
+    Shard(0) over ep, Replicate over dp. torch.distributed.checkpoint then writes each slice once and can read
+    it back into any other ep size. New dicts around the same tensors (no copy)."""
     mesh = mesh_of(model)
     if mesh is None:
         return state
 
     def wrap(t):
         return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
-    names = set(expert_param_names(model))
-    model_sd = {k: wrap(v) if k in names else v for k, v in state["model"].items()}
-    # Adam's step count is a scalar, the same on every rank: only the moments are slices
-    optim_state = {k: {m: wrap(v) if k in names and m != "step" else v for m, v in moments.items()}
-                   for k, moments in state["optimizer"]["state"].items()}
-    return {"model": model_sd, "optimizer": {**state["optimizer"], "state": optim_state}}
+    return _map_expert_entries(model, state, wrap)
 
 
 def local_view(model, state):
-    """global_view undone: every DTensor of the state as its local tensor (for a model with expert parallel)."""
+    """global_view undone: every expert tensor (and its Adam moments) of the state as this rank's slice again.
+    The other entries stay as they are (FSDP's own DTensors under --fsdp with expert parallel)."""
     if mesh_of(model) is None:
         return state
-    return _to_local(state)
+    return _map_expert_entries(model, state, DTensor.to_local)
 
 
-def _to_local(state):
-    if isinstance(state, DTensor):
-        return state.to_local()
-    if isinstance(state, dict):
-        return {k: _to_local(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_to_local(v) for v in state]
-    return state
+def _map_expert_entries(model, state, fn):
+    names = set(expert_param_names(model))
+    model_sd = {k: fn(v) if k in names else v for k, v in state["model"].items()}
+    # Adam's step count is a scalar, the same on every rank: only the moments are slices
+    optim_sd = {k: fn(v) if k.startswith("state.") and k[6:].rsplit(".", 1)[0] in names and not k.endswith(".step")
+                else v for k, v in state["optimizer"].items()}
+    return {"model": model_sd, "optimizer": optim_sd}

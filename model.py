@@ -548,6 +548,12 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+        # FSDP with expert parallel (parallel.shard): FSDP's parameters are DTensors, the experts plain tensors,
+        # and one fused update cannot take both kinds: each kind gets groups of its own
+        sharded = {id(p) for p in params if hasattr(p, "to_local")}  # DTensor, without importing it
+        if 0 < len(sharded) < len(params):
+            groups = [{**g, "params": [p for p in g["params"] if (id(p) in sharded) == kind]}
+                      for kind in (True, False) for g in groups]
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 

@@ -44,7 +44,8 @@ def setup_processes(cfg):
     if cfg.compile and not use_compile and rank == 0:
         print(f"note: torch.compile is off on device '{device}' (it is used on CUDA)")
     # both flags take effect only under torchrun: one process holds everything anyway
-    sharding = ("fsdp" if cfg.fsdp else "ep" if cfg.ep_size > 1 else None) if ddp else None
+    # sharding: () for none, else the modes, ("fsdp",), ("ep",) or ("fsdp", "ep")
+    sharding = tuple(m for m, on in (("fsdp", cfg.fsdp), ("ep", cfg.ep_size > 1)) if on) if ddp else ()
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device.split(":")[0], dtype=pick_dtype(cfg.dtype, device),
                            compile=use_compile, sharding=sharding)
@@ -72,9 +73,6 @@ def check_sharding(cfg, proc):
     if ep > 1 and n_experts % ep:
         raise UserError(f"ep_size={ep} does not divide n_experts={n_experts}: each process holds n_experts / ep_size "
                         f"experts; use an ep_size that divides {n_experts}")
-    if cfg.fsdp and ep > 1:
-        raise UserError(f"fsdp=True with ep_size={ep} is not supported yet: choose one (--fsdp=False for expert "
-                        f"parallel with the dense part data-parallel, or --ep_size=1 for FSDP)")
     if proc.world_size % ep:
         raise UserError(f"ep_size={ep} does not divide the world size {proc.world_size} (the processes torchrun "
                         f"starts); use an ep_size that divides {proc.world_size}, or --ep_size=1")
@@ -86,36 +84,41 @@ def check_sharding(cfg, proc):
 
 
 def shard(model, cfg, proc):
-    """Spread the model over the processes (in place: FSDP2 swaps its class, EP slices its experts), before the
+    """Spread the model over the processes (in place: EP slices its experts, FSDP2 swaps its class), before the
     optimizer sees its parameters. -> what the training loop calls: the FSDP module itself, or DDP around the
-    expert-parallel model. (torch's sharding modules are imported here: they take a second to import, which
-    every other run would pay.)"""
+    expert-parallel model. With both, FSDP shards everything but the experts over all processes and EP splits
+    the experts. (torch's sharding modules are imported here: they take a second to import, which every other
+    run would pay.)"""
     import expert_parallel
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-    if proc.sharding == "fsdp":
-        mesh = init_device_mesh(proc.device_type, (proc.world_size,), mesh_dim_names=("dp",))
-        # bf16 runs gather bf16 weights for the matmuls and reduce the gradients in fp32; the sharded master
-        # weights and Adam's moments stay fp32
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if proc.dtype == "bfloat16" else MixedPrecisionPolicy()
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest, with the tied embedding/head in one unit
-        return model
-    mesh = init_device_mesh(proc.device_type, (proc.world_size // cfg.ep_size, cfg.ep_size),
-                            mesh_dim_names=("dp", "ep"))
-    expert_parallel.shard_experts(model, mesh)
-    # DDP averages the dense gradients over all processes; the experts are synced by sync_gradients
-    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parallel.expert_param_names(model))
-    return DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    experts = None
+    if "ep" in proc.sharding:
+        mesh = init_device_mesh(proc.device_type, (proc.world_size // cfg.ep_size, cfg.ep_size),
+                                mesh_dim_names=("dp", "ep"))
+        expert_parallel.shard_experts(model, mesh)
+        experts = {p for name, p in model.named_parameters() if name in expert_parallel.expert_param_names(model)}
+    if "fsdp" not in proc.sharding:
+        # DDP averages the dense gradients over all processes; the experts are synced by sync_gradients
+        DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parallel.expert_param_names(model))
+        return DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    mesh = init_device_mesh(proc.device_type, (proc.world_size,), mesh_dim_names=("fsdp",))
+    # bf16 runs gather bf16 weights for the matmuls and reduce the gradients in fp32; the sharded master
+    # weights and Adam's moments stay fp32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if proc.dtype == "bfloat16" else MixedPrecisionPolicy()
+    # expert-parallel experts are left out (ignored_params): each process already holds only its share
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=experts)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=experts)  # the rest: tied embedding/head
+    return model
 
 
 def accumulating(model, sync, proc):
     """The context of one micro-step's forward and backward: gradients are synced only when `sync` (the last
     micro-step). DDP skips it inside no_sync(); FSDP2 is told by set_requires_gradient_sync."""
-    if proc.sharding == "fsdp":
+    if "fsdp" in proc.sharding:
         model.set_requires_gradient_sync(sync)
         return nullcontext()
     return nullcontext() if sync else model.no_sync()
@@ -123,18 +126,18 @@ def accumulating(model, sync, proc):
 
 def sync_gradients(model, proc):
     """After the last micro-step's backward: what the wrappers do not sync themselves (the expert gradients)."""
-    if proc.sharding == "ep":
+    if "ep" in proc.sharding:
         import expert_parallel
         expert_parallel.sync_expert_grads(model, proc.world_size)
 
 
 def clip_gradients(model, max_norm, proc):
     """clip_grad_norm_ over the whole model however it is spread; -> the total norm (a plain tensor)."""
-    if proc.sharding == "ep":
+    if "ep" in proc.sharding:
         import expert_parallel
         return expert_parallel.clip_grad_norm_(model, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if proc.sharding == "fsdp" else norm  # FSDP: a DTensor, summed over the shards
+    return norm.full_tensor() if "fsdp" in proc.sharding else norm  # FSDP: a DTensor, summed over the shards
 
 
 def local_tensor(t):

@@ -141,7 +141,7 @@ def main():
         return
     stop_requested = install_stop_handlers(proc.master)
     # MFU counts the model's parameters, of which an expert-parallel rank holds only its share: not shown there
-    peak = gpu_peak_flops(proc.device, cfg.peak_flops) if proc.sharding != "ep" else None
+    peak = gpu_peak_flops(proc.device, cfg.peak_flops) if "ep" not in proc.sharding else None
     accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
     nonfinite = SimpleNamespace(pending=[], in_row=0, total=0)  # steps whose update was skipped
     model.train()

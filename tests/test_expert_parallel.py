@@ -36,7 +36,7 @@ def _rank(rank, world_size, ep_size, init_file, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     proc = SimpleNamespace(ddp=True, world_size=world_size, rank=rank, local_rank=rank, device_type="cpu",
-                           sharding="ep")
+                           sharding=("ep",))
     cfg = SimpleNamespace(fsdp=False, ep_size=ep_size)
     batches = _batches(world_size)
     one = SimpleNamespace(ddp=False)

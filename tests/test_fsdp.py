@@ -66,58 +66,72 @@ def _train(model, optimizer, steps, proc, micro_batches, wrapped):
     return losses
 
 
-def _fsdp_rank(rank, init_file, results):
+def _fsdp_rank(rank, world_size, ep_size, init_file, results):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    proc = SimpleNamespace(ddp=True, world_size=2, rank=rank, local_rank=rank, device_type="cpu", dtype="float32",
-                           sharding="fsdp")
-    one = SimpleNamespace(ddp=False, world_size=1, sharding=None)
-    batches = _batches(2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    sharding = ("fsdp", "ep") if ep_size > 1 else ("fsdp",)
+    proc = SimpleNamespace(ddp=True, world_size=world_size, rank=rank, local_rank=rank, device_type="cpu",
+                           dtype="float32", sharding=sharding)
+    one = SimpleNamespace(ddp=False, world_size=1, sharding=())
+    batches = _batches(world_size)
     out = {}
     for name, shape in SHAPES.items():
+        if ep_size > 1 and name == "dense":
+            continue  # expert parallel needs experts
         torch.manual_seed(0)
         ref = build_model(shape)
         model = build_model(shape)
         model.load_state_dict(ref.state_dict())
         ref_opt = ref.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-        # one process: both ranks' micro-batches as its micro-steps; its mean loss is the ranks' mean
-        ref_losses = _train(ref, ref_opt, STEPS, one, lambda s: batches[s][0] + batches[s][1], ref)
-        parallel.shard(model, SimpleNamespace(fsdp=True, ep_size=1), proc)
+        # one process: every rank's micro-batches as its micro-steps; its mean loss is the ranks' mean
+        ref_losses = _train(ref, ref_opt, STEPS, one, lambda s: sum(batches[s], []), ref)
+        parallel.shard(model, SimpleNamespace(fsdp=True, ep_size=ep_size), proc)
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        # FSDP shards all but the expert-parallel experts, which stay this rank's plain share
+        sharded = {k: hasattr(p, "to_local") for k, p in model.named_parameters()}
+        assert sharded == {k: ep_size == 1 or ".mlp.experts." not in k for k in sharded}
+        assert len(opt.param_groups) == (4 if ep_size > 1 else 2)  # a fused AdamW step per kind of tensor
         losses = _train(model, opt, STEPS, proc, lambda s: batches[s][rank], model)
         mean = torch.tensor(losses)
         dist.all_reduce(mean)
-        torch.testing.assert_close(mean / 2, torch.tensor(ref_losses), rtol=0, atol=1e-6)
+        torch.testing.assert_close(mean / world_size, torch.tensor(ref_losses), rtol=0, atol=1e-6)
         # Adam divides by sqrt(v) + 1e-8: for gradient entries near 1e-8 a rounding difference of the reduction
         # moves the update by ~1e-6; a missing or doubled micro-batch would move parameters by ~lr = 1e-3
         ref_state = ref.state_dict()
         for k, v in model.state_dict().items():
             full = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if ".mlp.experts." in k and ep_size > 1:  # this rank's share of the experts
+                ep = model.moe_layers()[0].expert_parallel
+                ref_state[k] = ref_state[k][ep.first:ep.first + ep.n_local]
             torch.testing.assert_close(full, ref_state[k], rtol=0, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")
         # a step train.py skips (non-finite) changes nothing, with the fused AdamW deciding on DTensors
-        before = {k: v.to_local().clone() for k, v in model.state_dict().items() if hasattr(v, "to_local")}
-        adam = {k: s["exp_avg"].to_local().clone() for k, s in enumerate(opt.state.values())}
+        local = parallel.local_tensor
+        before = {k: local(v).clone() for k, v in model.state_dict().items()}
+        adam = [local(s["exp_avg"]).clone() for s in opt.state.values()]
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         from train import step_unless
         step_unless(torch.tensor(True), opt, torch.amp.GradScaler("cpu", enabled=False))
-        assert all(torch.equal(v.to_local(), before[k]) for k, v in model.state_dict().items() if k in before)
-        assert all(torch.equal(s["exp_avg"].to_local(), adam[k]) for k, s in enumerate(opt.state.values()))
-        if name == "moe":  # the aux-free bias moved, the same on both ranks
+        assert all(torch.equal(local(v), before[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(local(s["exp_avg"]), a) for s, a in zip(opt.state.values(), adam))
+        if name == "moe":  # the aux-free bias moved, the same on every rank
             bias = model.moe_layers()[0].expert_bias
-            both = [torch.empty_like(bias) for _ in range(2)]
-            dist.all_gather(both, bias)
-            assert torch.equal(both[0], both[1]) and bias.abs().sum() > 0
+            every = [torch.empty_like(bias) for _ in range(world_size)]
+            dist.all_gather(every, bias)
+            assert all(torch.equal(b, every[0]) for b in every) and bias.abs().sum() > 0
         out[name] = True
     results[rank] = out
     dist.destroy_process_group()
 
 
-def test_fsdp_two_ranks_equal_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("world_size, ep_size", [(2, 1), (4, 2)], ids=["fsdp2", "fsdp4-ep2"])
+def test_fsdp_equals_one_process_with_accumulation(tmp_path, world_size, ep_size):
     results = mp.Manager().dict()
     # fork: the children start with this process's imports (spawn would import torch again in each)
-    mp.start_processes(_fsdp_rank, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork")
-    assert dict(results) == {rank: {name: True for name in SHAPES} for rank in range(2)}
+    mp.start_processes(_fsdp_rank, args=(world_size, ep_size, str(tmp_path / "init"), results), nprocs=world_size,
+                       start_method="fork")
+    names = [name for name in SHAPES if ep_size == 1 or name != "dense"]
+    assert dict(results) == {rank: {name: True for name in names} for rank in range(world_size)}
 
 
 # ----------------------------------------------------------------------------- train.py under torchrun
@@ -172,9 +186,10 @@ def test_expert_parallel_train_py_stopped_and_resumed_equals_one_process(shakesp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, layout", [(1, []), (4, ["--fsdp=False", "--ep_size=2"])], ids=["w1", "w4-ep2xdp2"])
+@pytest.mark.parametrize("nproc, layout", [(1, []), (4, ["--ep_size=2"])], ids=["w1", "w4-fsdp-ep2xdp2"])
 def test_sharded_checkpoint_resumes_at_another_world_size(fsdp_moe_run, shakespeare_data, tmp_path, nproc, layout):
-    """Saved by 2 FSDP ranks; loaded by one process, and by 4 (experts split in 2, each half on 2 ranks):
+    """Saved by 2 FSDP ranks; loaded by one process, and by 4 FSDP ranks with the experts split in 2 (each
+    half on 2 ranks):
     max_iters is where it stopped, so the resumed run only evaluates and saves what it loaded."""
     src, _ = fsdp_moe_run
     saved = consolidate(src, "saved.pt")

@@ -618,8 +618,6 @@ BAD_INPUTS = [
     ("ep_size-zero", "train.py", ["--ep_size=0"], None, ["ep_size=0", ">= 1"]),
     ("ep_size-no-moe-layer", "train.py", ["--ep_size=2", "--n_experts=4", "--moe_every=3"], None,
      ["n_layer=2 and moe_every=3", "has none"]),
-    ("fsdp-with-ep_size", "train.py", ["--fsdp=True", "--ep_size=2", "--n_experts=4"], None,
-     ["fsdp=True with ep_size=2 is not supported"]),
 ]
 
 
