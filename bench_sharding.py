@@ -51,7 +51,8 @@ def main():
         sync_gradients(raw, proc)
         clip_gradients(raw, cfg.grad_clip, proc)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # keep the gradients allocated: they are part of what a step needs
+        for p in raw.parameters():  # zeroed, kept allocated: they are part of what a step needs (one by one: FSDP
+            p.grad.zero_()          # with EP mixes DTensors and plain tensors, which zero_grad's foreach refuses)
         times.append(time.time() - t0)
     held = {"params": sum(nbytes(p) for p in raw.parameters()),
             "grads": sum(nbytes(p.grad) for p in raw.parameters() if p.grad is not None),
