@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import parallel
 from checkpoint import SHARDED, load_checkpoint, open_out_dir
-from conftest import REPO, assert_ok, assert_user_error, run
+from conftest import REPO, assert_ok, run, run_in_process
 from model import build_model
 from test_ddp import MOE_SPARSE, TINY, assert_same_as_one_process, data_args, torchrun
 
@@ -251,6 +251,8 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_consolidate_without_a_sharded_checkpoint(tmp_path):
-    r = run(["checkpoint.py", tmp_path], cwd=tmp_path, check=False)
-    assert_user_error(r, "has no sharded checkpoint (ckpt.dcp)")  # the other bad inputs: tests/test_reliability.py
+def test_consolidate_without_a_sharded_checkpoint(tmp_path, capsys):
+    code, _, err = run_in_process(checkpoint.main, [tmp_path], capsys)
+    # the other bad inputs: tests/test_reliability.py
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "has no sharded checkpoint (ckpt.dcp)" in err

@@ -2,7 +2,9 @@
 import json
 
 import pytest
-from conftest import assert_user_error, run
+
+import study
+from conftest import assert_user_error, run, run_in_process
 
 
 @pytest.mark.slow  # three train.py runs
@@ -36,12 +38,17 @@ def test_study_tables_seeds_and_resumes(tmp_path, shakespeare_data):
     assert (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines() == rows
 
 
-def test_study_bad_input(tmp_path):
-    assert_user_error(run(["study.py", "--variants=dense,top9x8"], cwd=tmp_path, check=False),
-                      "unknown variants top9x8")
-    assert_user_error(run(["study.py", "--seeds=0"], cwd=tmp_path, check=False), "--seeds must be at least 1")
-    assert_user_error(run(["study.py", "--max_iters=0"], cwd=tmp_path, check=False), "--max_iters must be at least 1")
-    # matplotlib missing: said before any training, not after it
+@pytest.mark.parametrize("arg, message", [("--variants=dense,top9x8", "unknown variants top9x8"),
+                                          ("--seeds=0", "--seeds must be at least 1"),
+                                          ("--max_iters=0", "--max_iters must be at least 1")])
+def test_study_bad_input(tmp_path, monkeypatch, capsys, arg, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_in_process(study.main, [arg], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out-study").exists()
+
+
+def test_study_says_matplotlib_is_missing_before_training(tmp_path):
     fake = tmp_path / "fake" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
