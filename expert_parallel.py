@@ -103,7 +103,8 @@ def sync_expert_grads(model, world_size):
     (the mesh's dp dim) and divide by the world size, as DDP averages the dense ones. Each rank's expert already
     holds the gradient of every token its ep group sent it, so the sum covers every token of the step."""
     mesh = mesh_of(model)
-    grads = [p.grad for name, p in model.named_parameters() if ".mlp.experts." in name]
+    names = set(expert_param_names(model))
+    grads = [p.grad for name, p in model.named_parameters() if name in names]
     flat = torch.cat([g.flatten() for g in grads])  # one all-reduce instead of one per tensor
     if mesh["dp"].size() > 1:
         dist.all_reduce(flat, group=mesh["dp"].get_group())

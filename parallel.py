@@ -98,10 +98,11 @@ def shard(model, cfg, proc):
         mesh = init_device_mesh(proc.device_type, (proc.world_size // cfg.ep_size, cfg.ep_size),
                                 mesh_dim_names=("dp", "ep"))
         expert_parallel.shard_experts(model, mesh)
-        experts = {p for name, p in model.named_parameters() if name in expert_parallel.expert_param_names(model)}
+        names = set(expert_parallel.expert_param_names(model))
+        experts = {p for name, p in model.named_parameters() if name in names}
     if "fsdp" not in proc.sharding:
         # DDP averages the dense gradients over all processes; the experts are synced by sync_gradients
-        DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parallel.expert_param_names(model))
+        DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
         return DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
     mesh = init_device_mesh(proc.device_type, (proc.world_size,), mesh_dim_names=("fsdp",))
     # bf16 runs gather bf16 weights for the matmuls and reduce the gradients in fp32; the sharded master

@@ -470,46 +470,34 @@ def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
 
 def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, improved=False):
     """Save the resumable state to ckpt.pt (every rank gives its random states; rank 0 writes), and make
-    best.pt the same file when the eval that asked for the save improved val loss."""
+    best.pt the same file when the eval that asked for the save improved val loss. A sharded run (--fsdp,
+    --ep_size) writes ckpt.dcp instead, every rank its shards (checkpoint.save_sharded), and keeps no best.pt:
+    a sharded checkpoint is a folder, and a second one would double the disk it takes."""
     states = gather_objects(rng_state(batch_state), run.proc)  # each rank draws its own batches
-    if run.proc.sharding:
-        save_sharded_run(run, reason, iter_num, best_val_loss, optimizer, scaler, states)
-        return
-    if not run.proc.master:
-        return
-    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
-        print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
-        return
-    model_keys_ = set(model_keys())
-    ckpt = {**model_state(run.raw_model), "tokenizer": run.tokenizer, "data": run.data_fingerprint,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
-    t0 = time.time()
-    save_checkpoint(ckpt, run.ckpt_path)
-    remove_sharded(run.cfg.out_dir)  # a sharded run's checkpoint this one resumed from is older now
-    print(f"saved checkpoint to {run.ckpt_path} ({reason}, {time.time() - t0:.2f}s)")
-    if improved:
-        link_checkpoint(run.ckpt_path, os.path.join(run.cfg.out_dir, "best.pt"))
-
-
-def save_sharded_run(run, reason, iter_num, best_val_loss, optimizer, scaler, states):
-    """save() for a sharded run: every rank writes its shards (checkpoint.save_sharded). No best.pt: a sharded
-    checkpoint is a folder, and keeping a second one would double the disk it takes."""
     finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
-    if any_rank(not finite, run.proc):
+    if any_rank(not finite, run.proc):  # a sharded rank sees only its share of the weights
         if run.proc.master:
             print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
         return
     model_keys_ = set(model_keys())
-    meta = {"model_args": asdict(run.raw_model.config), "tokenizer": run.tokenizer, "data": run.data_fingerprint,
-            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}, "rng": states}
+    entries = {"model_args": asdict(run.raw_model.config), "tokenizer": run.tokenizer,
+               "data": run.data_fingerprint, "scaler": scaler.state_dict(), "iter_num": iter_num,
+               "best_val_loss": best_val_loss, "rng": states,
+               "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}}
     t0 = time.time()
-    save_sharded(run.raw_model, optimizer, meta, run.cfg.out_dir, run.proc)
-    if run.proc.master:
-        print(f"saved sharded checkpoint to {os.path.join(run.cfg.out_dir, SHARDED)} ({reason}, "
-              f"{time.time() - t0:.2f}s)")
+    if run.proc.sharding:
+        save_sharded(run.raw_model, optimizer, entries, run.cfg.out_dir, run.proc)
+        path = os.path.join(run.cfg.out_dir, SHARDED)
+    elif run.proc.master:
+        save_checkpoint({**entries, **model_state(run.raw_model), "optimizer": optimizer.state_dict()},
+                        run.ckpt_path)
+        remove_sharded(run.cfg.out_dir)  # a sharded run's checkpoint this one resumed from is older now
+        path = run.ckpt_path
+    if not run.proc.master:
+        return
+    print(f"saved {'sharded ' if run.proc.sharding else ''}checkpoint to {path} ({reason}, {time.time() - t0:.2f}s)")
+    if improved and not run.proc.sharding:
+        link_checkpoint(run.ckpt_path, os.path.join(run.cfg.out_dir, "best.pt"))
 
 
 def log_metrics(run, record):
