@@ -24,11 +24,15 @@ neither. The balance number is computed and logged in every mode, so runs compar
 
 The file reads top-down: the config, the MoE block (route -> experts -> combine -> stats), the router, the
 experts, the model. Expert weights are stacked into (E, ...) tensors and two implementations read them:
-- 'loop' (Experts.forward_loop, here): the reference. For each expert: gather its tokens, run its MLP, scale
-  by the routing weight, scatter-add into the output. Easy to read and to check.
-- 'grouped' (moe_grouped.py): sort assignments by expert and run every expert in one grouped matrix
-  multiply per projection, with static shapes (torch.compile(fullgraph=True) works). Tested equal to 'loop'.
-'auto' takes 'grouped' where torch's grouped GEMM kernel runs (see moe_grouped.py), 'loop' elsewhere.
+- 'loop' (Experts.forward_loop, here): the reference, and the code to learn from. For each expert: gather
+  its tokens, run its MLP, scale by the routing weight, scatter-add into the output.
+- 'grouped' (nanomoe/layers/grouped_experts.py): the fast path. Sort the assignments by expert and run every
+  expert in one grouped matrix multiply per projection, with static shapes (torch.compile(fullgraph=True)
+  works). Tested equal to 'loop', outputs and gradients.
+Which runs by default: moe_impl='auto' takes 'grouped' wherever torch's grouped GEMM kernel runs (CUDA and
+the CPU, for float32, bf16 and fp16 eager and bf16 compiled: the table in grouped_experts.py), else 'loop'.
+With expert parallelism (nanomoe/distributed/expert_parallel.py) the tokens travel to the experts' processes
+and the same two implementations run there.
 
 MoEGPT.from_dense turns a dense GPT into an MoEGPT by sparse upcycling (Komatsuzaki et al. 2022): every MoE
 layer's experts start as copies of the dense MLP they replace and the router starts small and random. With
@@ -42,11 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from configurator import setting
-from parallel import mean_over_ranks
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
-from moe_grouped import compute_dtype, grouped_experts, grouped_kernel_available
+from nanomoe.errors import UserError
+from nanomoe.layers.grouped_experts import compute_dtype, grouped_experts, grouped_kernel_available
+from nanomoe.settings import setting
 
 
 @dataclass
@@ -124,9 +127,10 @@ class MoE(nn.Module):
         # checkpoints, never seen by the optimizer), moved by MoEGPT.end_step after each optimizer step
         self.register_buffer("expert_bias", torch.zeros(config.n_experts) if config.balance_mode == "aux_free"
                              else None)
-        self.global_load = None  # balance_scope='global': f of the whole step (E,), set by MoEGPT.start_step
-        self.expert_parallel = None  # set by expert_parallel.shard_experts when the experts live on several ranks
-        self.stats = {}
+        # set by other code, through set_global_load and set_expert_parallel (below)
+        self.global_load = None  # balance_scope='global': f of the whole step (E,), for the balance loss
+        self.expert_parallel = None  # experts split over processes: what sends tokens to them and back
+        self.stats = {}  # after each forward: this layer's balance, balance_loss, z, expert_load, dropped
 
     def forward(self, x):
         B, T, D = x.shape
@@ -140,7 +144,7 @@ class MoE(nn.Module):
             keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
 
         # experts: the routing-weighted sum of each token's chosen experts
-        if self.expert_parallel is not None:  # tokens travel to their experts' ranks and back (expert_parallel.py)
+        if self.expert_parallel is not None:  # tokens travel to their experts' processes and back
             y_TD = self.expert_parallel(self, x_TD, expert_TK, weight_TK, keep_TK)
         elif self.use_grouped(x_TD):
             y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK)
@@ -202,6 +206,16 @@ class MoE(nn.Module):
             in_features = (self.experts.c_fc.size(-1), self.experts.c_proj.size(-1))  # D and F
             return grouped_kernel_available(x_TD.device.type, compute_dtype(x_TD), in_features)
         return impl == "grouped"
+
+    def set_global_load(self, f_E):
+        """balance_scope='global': the load f (E,) of the whole optimizer step, which the balance loss takes
+        in place of this batch's during training (MoEGPT.start_step); None after the step."""
+        self.global_load = f_E
+
+    def set_expert_parallel(self, dispatch):
+        """The experts live on several processes: dispatch(moe, x_TD, expert_TK, weight_TK, keep_TK) -> y_TD
+        replaces the local experts step (nanomoe/distributed/expert_parallel.shard_experts sets it)."""
+        self.expert_parallel = dispatch
 
 
 class Router(nn.Module):
@@ -279,11 +293,11 @@ class MoEGPT(GPT):
                 "expert_load": torch.stack([s["expert_load"] for s in stats]),
                 "dropped": torch.stack([s["dropped"] for s in stats])}
 
-    def start_step(self, batches, ctx, proc):
-        """Called before an optimizer step's first micro-step with an iterable of the step's (x, y) micro-batches
-        on this process. balance_scope='global': route them all once without gradients (eval mode routes like
-        training, as dropout = router_jitter = 0 there), average the load over processes, and give each layer f of
-        the whole step for its balance loss. Other modes do not read `batches`."""
+    def start_step(self, batches, ctx, reduce_mean):
+        """Called before an optimizer step's first micro-step with the step's (x, y) micro-batches on this
+        process. balance_scope='global': route them all once without gradients (eval mode routes like training,
+        as dropout = router_jitter = 0 there), average the load over processes (reduce_mean), and give each
+        layer f of the whole step for its balance loss. Other modes do not read `batches`."""
         if self.config.balance_mode != "aux" or self.config.balance_scope != "global":
             return
         was_training = self.training
@@ -291,21 +305,21 @@ class MoEGPT(GPT):
         with torch.no_grad(), ctx:
             loads = [self(x)[2]["expert_load"] for x, _ in batches]  # each (L_moe, E)
         self.train(was_training)
-        load_LE = mean_over_ranks({"load": torch.stack(loads).mean(0)}, proc)["load"]  # equal batches: the mean
-        for layer, f_E in zip(self.moe_layers(), load_LE.to(loads[0].device)):
-            layer.global_load = f_E
+        load_LE = reduce_mean(torch.stack(loads).mean(0))  # equal batches: the mean of the means
+        for layer, f_E in zip(self.moe_layers(), load_LE):
+            layer.set_global_load(f_E)
 
     @torch.no_grad()
-    def end_step(self, expert_load, skipped, proc):
+    def end_step(self, expert_load, skipped, reduce_mean):
         """Called after the optimizer step with this process's expert load (L_moe, E) averaged over the step's
         micro-steps and `skipped` (a bool tensor: the update was skipped). balance_mode='aux_free': every layer's
         bias moves by bias_update_rate towards balance, sign(mean load - load), from the load of the whole step
-        over all processes (all-reduced, so every rank holds the same bias); a skipped step changes nothing."""
+        over all processes (reduce_mean, so every process holds the same bias); a skipped step changes nothing."""
         for layer in self.moe_layers():
-            layer.global_load = None
+            layer.set_global_load(None)
         if self.config.balance_mode != "aux_free":
             return
-        load_LE = mean_over_ranks({"load": expert_load.float()}, proc)["load"].to(expert_load.device)
+        load_LE = reduce_mean(expert_load.float())
         keep = (~skipped).float() if isinstance(skipped, torch.Tensor) else float(not skipped)
         for layer, f_E in zip(self.moe_layers(), load_LE):
             bias = layer.expert_bias

@@ -10,7 +10,7 @@ Turn text into train.bin / val.bin / meta.json under data/<name>/, the files tra
 train.bin and val.bin are the token ids as a raw numpy array (uint16, or uint32 for vocabularies over
 65536), so train.py can np.memmap them. The first (1 - val_fraction) of the tokens is train, the rest val;
 for a char tokenizer that is the same cut as splitting the text on characters, like nanoGPT.
-Every output is written with common.atomic_write (a temp name, then a rename at the end), so a failed run
+Every output is written with nanomoe.files.atomic_write (a temp name, then a rename at the end), so a failed run
 leaves the previous good files as they were and no temp files behind.
 """
 import fnmatch
@@ -28,15 +28,17 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly 
 import numpy as np
 import requests
 
-from common import ArgumentParser, Progress, UserError, atomic_write, run_cli
-from tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
+from nanomoe.cli import ArgumentParser, Progress, run_cli
+from nanomoe.errors import UserError
+from nanomoe.files import atomic_write
+from nanomoe.tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare", "text")
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Tokenize text into data/<name>/{train.bin,val.bin,meta.json}.")
+    p = ArgumentParser(prog="python prepare.py", description="Tokenize text into data/<name>/{train.bin,val.bin,meta.json}.")
     p.add_argument("dataset", choices=DATASETS, help="shakespeare_char, shakespeare, or text (your own files)")
     p.add_argument("--input", help="text file (or, for 'text', a folder read recursively) instead of downloading")
     p.add_argument("--name", help="text only: output folder name (default: the input's name without extension)")

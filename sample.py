@@ -17,10 +17,13 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly 
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import DTYPES, MAX_SEED, Progress, UserError, autocast_context, pick_device, pick_dtype, run_cli
-from configurator import Valid, parse_args, script_keys
-from tokenizer import Tokenizer
+from nanomoe.checkpoint import load_checkpoint, model_from_checkpoint
+from nanomoe.cli import Progress, run_cli
+from nanomoe.configurator import parse_args
+from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype
+from nanomoe.errors import UserError
+from nanomoe.settings import MAX_SEED, Valid, script_keys
+from nanomoe.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
@@ -37,7 +40,7 @@ stream = False  # print tokens as they are generated (one sample at a time)
 kv_cache = True  # keep past keys/values (MLA: latents; Mamba2: a fixed state) instead of re-running the context
 bench_context: Valid(min=0) = 0  # > 0: time generation instead: random prompt + max_new_tokens = this many tokens, num_samples runs
 # -----------------------------------------------------------------------------
-KEYS = script_keys(globals())
+KEYS = script_keys(sys.modules[__name__])
 
 
 def main():

@@ -7,12 +7,13 @@ Several GPUs or nodes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe.py
 
-or with the model spread over them instead of copied (parallel.py): --fsdp=True shards parameters, gradients
-and optimizer state (FSDP2); --ep_size=N splits each MoE layer's experts over groups of N processes.
+or with the model spread over them instead of copied (nanomoe/distributed/): --fsdp=True shards parameters,
+gradients and optimizer state (FSDP2); --ep_size=N splits each MoE layer's experts over groups of N processes.
 
 The model is an MoEGPT when the config asks for experts (n_experts > 0), a dense GPT otherwise. The loss
 optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * balance + z_loss_weight * z
 (the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
+One optimizer step is written once, in train_step below; tools/bench.py and tools/bench_sharding.py call it too.
 """
 import math
 import os
@@ -29,19 +30,23 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from batches import TokenData
-from checkpoint import (SHARDED, TO_RESUME, check_out_dir, latest_checkpoint, link_checkpoint, load_checkpoint,
-                        load_sharded_meta, model_from_checkpoint, model_state, open_out_dir, remove_sharded,
-                        restore_training_state, rng_state, save_checkpoint, save_sharded)
-from common import DTYPES, MAX_SEED, UserError, autocast_context, cpu_matmul_flops, duration, gpu_peak_flops, run_cli
-from configurator import Valid, parse_args, script_keys
-from hf_interop import is_hf_init, model_for_training
-from metrics import MetricsLog
-from model import build_model, check_same_model, model_keys
 from moe_model import load_stats
-from parallel import (BACKENDS, accumulating, any_rank, check_sharding, clip_gradients, finish, gather_objects,
-                      install_stop_handlers, join, local_tensor, mean_over_ranks, setup_processes, shard,
-                      sync_gradients)
+from nanomoe.checkpoint import (SHARDED, TO_RESUME, check_out_dir, latest_checkpoint, link_checkpoint,
+                                load_checkpoint, model_from_checkpoint, model_state, open_out_dir, remove_sharded,
+                                restore_training_state, rng_state, save_checkpoint)
+from nanomoe.cli import duration, run_cli
+from nanomoe.configurator import parse_args
+from nanomoe.data import TokenData
+from nanomoe.device import DTYPES, autocast_context, cpu_matmul_flops, gpu_peak_flops
+from nanomoe.distributed.parallel import (BACKENDS, accumulating, any_rank, check_sharding, clip_gradients, finish,
+                                          gather_objects, install_stop_handlers, join, local_tensor, mean_over_ranks,
+                                          reduce_mean, setup_processes, shard, sync_gradients)
+from nanomoe.errors import UserError
+from nanomoe.factory import build_model, check_same_model, model_keys
+from nanomoe.hf.formats import is_hf_init, model_for_training
+from nanomoe.metrics import MetricsLog
+from nanomoe.optim import configure_optimizers
+from nanomoe.settings import MAX_SEED, Valid, script_keys
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on a large corpus; config files and --key=value override them
@@ -63,7 +68,7 @@ dataset = "openwebtext"
 data_root = "data"  # datasets live in data_root/<dataset>/ as written by prepare.py
 gradient_accumulation_steps: Valid(min=1) = 5 * 8  # micro-steps per optimizer step, over all processes together
 batch_size: Valid(min=1) = 12  # sequences per micro-step per process
-# model: every field of GPTConfig (model.py) and MoEConfig (moe_model.py) is a config key too
+# model: every field of GPTConfig (model.py) and MoEConfig (moe_model.py) is a config key too (docs/config.md)
 # adamw optimizer
 learning_rate: Valid(min=0) = 6e-4
 max_iters: Valid(min=0) = 600000
@@ -82,12 +87,12 @@ fsdp = False  # under torchrun: shard parameters, gradients and optimizer state 
 ep_size: Valid(min=1) = 1  # under torchrun: split each MoE layer's experts over this many processes
 device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype: Valid(choices=DTYPES) = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
-compile = True  # torch.compile the model (turned off where it does not work: CPU, MPS)
+compile = True  # torch.compile the model (turned off with a note on CPU and MPS, and with fsdp or ep_size)
 seed: Valid(min=0, max=MAX_SEED) = 1337
 peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
 max_nonfinite_steps: Valid(min=1) = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
 # -----------------------------------------------------------------------------
-RUN_KEYS = script_keys(globals())  # the settings of the run; the model's come from its config classes
+RUN_KEYS = script_keys(sys.modules[__name__])  # the settings of the run; the model's come from its config classes
 KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides vocab_size
 
 
@@ -112,11 +117,14 @@ def main():
         if proc.master:
             describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
         model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               proc.device_type)
+    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     proc.device_type)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     if ckpt:
-        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc, raw_model)
+        if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
+            from nanomoe.distributed.checkpoint import load_sharded
+            load_sharded(ckpt["sharded"], raw_model, optimizer)
+        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
         ckpt = None  # free the memory
     if not proc.sharding:
         model = torch.compile(raw_model) if proc.compile else raw_model
@@ -131,7 +139,7 @@ def main():
         metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
-                          metrics=metrics, wandb=wandb,
+                          metrics=metrics, wandb=wandb, optimizer=optimizer, scaler=scaler, batch_gen=batch_gen,
                           ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), tokenizer=data.tokenizer_meta(),
                           data_fingerprint=data.fingerprint())
 
@@ -145,52 +153,19 @@ def main():
     accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
     nonfinite = SimpleNamespace(pending=[], in_row=0, total=0)  # steps whose update was skipped
     model.train()
-    batch_state = batch_gen.get_state()  # the generator before it drew this iteration's first batch
-    x, y = data.get_batch("train", cfg.batch_size, batch_gen, proc.device)
     t0, step_time, running_mfu, last_eval_iter = time.time(), None, -1.0, None
     while iter_num < cfg.max_iters:
         if iter_num % cfg.eval_interval == 0 and last_eval_iter != iter_num:
             improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                save(run, "eval", iter_num, best_val_loss, optimizer, scaler, batch_state, improved)
+                save(run, "eval", iter_num, best_val_loss, improved)
             last_eval_iter, t0 = iter_num, time.time()  # the eval's time is not the step's
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-        # MoE routing hooks (moe_model.py): balance_scope='global' routes this step's batches (replayed from
-        # batch_state) before the first backward; aux_free moves the expert biases after the step
-        raw_model.start_step(step_batches(data, cfg, batch_state, accum_steps, proc.device), ctx, proc)
-        sums = {}
-        for micro_step in range(accum_steps):
-            # under DDP (FSDP) gradients are all-reduced (reduce-scattered) only on the last micro-step
-            sync = not proc.ddp or micro_step == accum_steps - 1
-            with accumulating(model, sync, proc), ctx:
-                _, loss, extra = model(x, y)
-                aux_loss = extra.get("aux_loss", 0.0)  # the MoE's weighted balance + z losses
-            # the next batch is drawn while the GPU works on this one
-            if micro_step == accum_steps - 1:
-                batch_state = batch_gen.get_state()
-            x, y = data.get_batch("train", cfg.batch_size, batch_gen, proc.device)
-            scaler.scale((loss + aux_loss) / accum_steps).backward()
-            for k, v in {"loss": loss, **extra}.items():
-                if k != "aux_loss":
-                    sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
-
-        sync_gradients(raw_model, proc)  # expert parallel: the experts' gradients (DDP synced the rest)
-        scaler.unscale_(optimizer)
-        grad_norm = clip_gradients(raw_model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), proc)
-        # a non-finite loss or gradient skips the update; the flag stays on the device (no host sync per step)
-        # and is read at the next log step or save. Under fp16 the GradScaler skips inf gradients itself.
-        bad = ~torch.isfinite(sums["loss"])
-        if proc.dtype != "float16":
-            bad = bad | ~torch.isfinite(grad_norm)
-        bad = any_rank(bad, proc)  # under DDP every rank skips the same steps
-        step_unless(bad, optimizer, scaler)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        raw_model.end_step(sums.get("expert_load"), bad, proc)
-        nonfinite.pending.append((iter_num, bad))
+        batches = [data.get_batch("train", cfg.batch_size, batch_gen, proc.device) for _ in range(accum_steps)]
+        sums, grad_norm, skipped = train_step(model, raw_model, optimizer, scaler, batches, ctx, proc, cfg.grad_clip)
+        nonfinite.pending.append((iter_num, skipped))
 
         t1 = time.time()
         dt, t0 = t1 - t0, t1
@@ -211,12 +186,12 @@ def main():
         iter_num += 1
         if cfg.save_interval and iter_num % cfg.save_interval == 0:
             check_nonfinite(nonfinite, run)
-            save(run, f"save_interval {cfg.save_interval}", iter_num, best_val_loss, optimizer, scaler, batch_state)
+            save(run, f"save_interval {cfg.save_interval}", iter_num, best_val_loss)
         # a signal stops the run after this step; under DDP every rank must agree on which step, so the ranks
         # compare their flags (a collective) at log steps only
         if (not proc.ddp or iter_num % cfg.log_interval == 0) and any_rank(bool(stop_requested), proc):
             check_nonfinite(nonfinite, run)
-            save(run, "stopped by signal", iter_num, best_val_loss, optimizer, scaler, batch_state)
+            save(run, "stopped by signal", iter_num, best_val_loss)
             if proc.master:
                 print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={cfg.out_dir}")
             break
@@ -225,8 +200,64 @@ def main():
         if last_eval_iter != iter_num:  # the final model is always evaluated (and saved by the usual rule)
             improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                save(run, "eval", iter_num, best_val_loss, optimizer, scaler, batch_state, improved)
+                save(run, "eval", iter_num, best_val_loss, improved)
     finish(proc, lock)
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+def train_step(model, raw_model, optimizer, scaler, batches, ctx, proc, grad_clip):
+    """One optimizer step on this process's micro-batches `batches` [(x, y), ...]: the model's start-of-step
+    hook, a forward and backward per micro-batch (the gradients accumulate, and are synced across processes
+    on the last one only), the expert gradients' sync under expert parallel, unscaling and clipping, the update
+    unless the loss or a gradient is non-finite, and the model's end-of-step hook. model is what runs the
+    forward (compiled, DDP or FSDP), raw_model the plain GPT inside it. -> (stats, grad_norm, skipped): the
+    means over the micro-steps of the cross-entropy ('loss') and of the model's extra numbers (balance, z,
+    expert_load, ...), and whether the update was skipped, all device tensors: nothing here waits for the GPU."""
+    reduce = reduce_mean(proc)
+    # MoE hooks (moe_model.py): balance_scope='global' routes the step's batches before the first backward
+    raw_model.start_step(batches, ctx, reduce)
+    sums = {}
+    for micro_step, (x, y) in enumerate(batches):
+        # under DDP (FSDP) gradients are all-reduced (reduce-scattered) only on the last micro-step
+        sync = not proc.ddp or micro_step == len(batches) - 1
+        with accumulating(model, sync, proc), ctx:
+            _, loss, extra = model(x, y)
+            aux_loss = extra.get("aux_loss", 0.0)  # the MoE's weighted balance + z losses
+        scaler.scale((loss + aux_loss) / len(batches)).backward()
+        for k, v in {"loss": loss, **extra}.items():
+            if k != "aux_loss":
+                sums[k] = sums.get(k, 0) + v.detach().float() / len(batches)
+
+    sync_gradients(raw_model, proc)  # expert parallel: the experts' gradients (DDP synced the rest)
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(raw_model, grad_clip if grad_clip > 0 else float("inf"), proc)
+    # a non-finite loss or gradient skips the update; the flag stays on the device (no host sync per step)
+    # and is read at the next log step or save. Under fp16 the GradScaler skips inf gradients itself.
+    skipped = ~torch.isfinite(sums["loss"])
+    if not scaler.is_enabled():
+        skipped = skipped | ~torch.isfinite(grad_norm)
+    skipped = any_rank(skipped, proc)  # under DDP every rank skips the same steps
+    step_unless(skipped, optimizer, scaler)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    raw_model.end_step(sums.get("expert_load"), skipped, reduce)  # aux_free: the expert biases move
+    return sums, grad_norm, skipped
+
+
+def step_unless(bad, optimizer, scaler):
+    """optimizer.step() unless `bad` (a bool tensor on the device) is True, and then exactly as if the step
+    never happened: parameters, Adam's moments and its step count unchanged. A fused AdamW takes the flag as
+    found_inf and decides on the device, so the host does not wait for the GPU. Under fp16 the GradScaler
+    owns found_inf, and other optimizers have no such input: there the flag is read on the host."""
+    if scaler.is_enabled() or not optimizer.defaults.get("fused"):
+        if not bad.item():
+            scaler.step(optimizer)
+        return
+    optimizer.found_inf = bad.float()
+    optimizer.step()
+    del optimizer.found_inf
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +271,11 @@ def load_config(argv):
     ckpt = None
     if cfg.init_from == "resume":
         path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
-        ckpt = load_sharded_meta(path, TO_RESUME) if path.endswith(SHARDED) else load_checkpoint(path, TO_RESUME)
+        if path.endswith(SHARDED):
+            from nanomoe.distributed.checkpoint import load_sharded_meta  # torch's DCP: imported only when needed
+            ckpt = load_sharded_meta(path, TO_RESUME)
+        else:
+            ckpt = load_checkpoint(path, TO_RESUME)
         for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
             if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
                 setattr(cfg, k, v)
@@ -359,28 +394,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def step_batches(data, cfg, batch_state, n, device):
-    """The n micro-batches of the step whose batches start at batch_state, drawn again from a copy of the
-    generator (lazily: nothing is drawn unless the model asks)."""
-    gen = torch.Generator()
-    gen.set_state(batch_state)
-    return (data.get_batch("train", cfg.batch_size, gen, device) for _ in range(n))
-
-
-def step_unless(bad, optimizer, scaler):
-    """optimizer.step() unless `bad` (a bool tensor on the device) is True, and then exactly as if the step
-    never happened: parameters, Adam's moments and its step count unchanged. A fused AdamW takes the flag as
-    found_inf and decides on the device, so the host does not wait for the GPU. Under fp16 the GradScaler
-    owns found_inf, and other optimizers have no such input: there the flag is read on the host."""
-    if scaler.is_enabled() or not optimizer.defaults.get("fused"):
-        if not bad.item():
-            scaler.step(optimizer)
-        return
-    optimizer.found_inf = bad.float()
-    optimizer.step()
-    del optimizer.found_inf
-
-
 def check_nonfinite(nonfinite, run):
     """Read the skip flags of the steps since the last check (one host sync), report each skipped step, and
     stop the run after max_nonfinite_steps skips in a row. A skipped step changed nothing, so finding out a
@@ -468,12 +481,13 @@ def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
 # -----------------------------------------------------------------------------
 # checkpoints and metrics
 
-def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, improved=False):
+def save(run, reason, iter_num, best_val_loss, improved=False):
     """Save the resumable state to ckpt.pt (every rank gives its random states; rank 0 writes), and make
     best.pt the same file when the eval that asked for the save improved val loss. A sharded run (--fsdp,
-    --ep_size) writes ckpt.dcp instead, every rank its shards (checkpoint.save_sharded), and keeps no best.pt:
-    a sharded checkpoint is a folder, and a second one would double the disk it takes."""
-    states = gather_objects(rng_state(batch_state), run.proc)  # each rank draws its own batches
+    --ep_size) writes ckpt.dcp instead, every rank its shards (distributed/checkpoint.save_sharded), and keeps
+    no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes. Saves
+    happen between steps, so the batch generator's state is the one before the next step's first batch."""
+    states = gather_objects(rng_state(run.batch_gen.get_state()), run.proc)  # each rank draws its own batches
     finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
     if any_rank(not finite, run.proc):  # a sharded rank sees only its share of the weights
         if run.proc.master:
@@ -481,15 +495,16 @@ def save(run, reason, iter_num, best_val_loss, optimizer, scaler, batch_state, i
         return
     model_keys_ = set(model_keys())
     entries = {"model_args": asdict(run.raw_model.config), "tokenizer": run.tokenizer,
-               "data": run.data_fingerprint, "scaler": scaler.state_dict(), "iter_num": iter_num,
+               "data": run.data_fingerprint, "scaler": run.scaler.state_dict(), "iter_num": iter_num,
                "best_val_loss": best_val_loss, "rng": states,
                "config": {k: v for k, v in vars(run.cfg).items() if k not in model_keys_}}
     t0 = time.time()
     if run.proc.sharding:
-        save_sharded(run.raw_model, optimizer, entries, run.cfg.out_dir, run.proc)
+        from nanomoe.distributed.checkpoint import save_sharded
+        save_sharded(run.raw_model, run.optimizer, entries, run.cfg.out_dir, run.proc)
         path = os.path.join(run.cfg.out_dir, SHARDED)
     elif run.proc.master:
-        save_checkpoint({**entries, **model_state(run.raw_model), "optimizer": optimizer.state_dict()},
+        save_checkpoint({**entries, **model_state(run.raw_model), "optimizer": run.optimizer.state_dict()},
                         run.ckpt_path)
         remove_sharded(run.cfg.out_dir)  # a sharded run's checkpoint this one resumed from is older now
         path = run.ckpt_path

@@ -1,4 +1,4 @@
-# small shapes for bench.py on a CPU: python bench.py config/bench_cpu.py
+# small shapes for tools.bench on a CPU: python -m tools.bench config/bench_cpu.py
 device = "cpu"
 compile = False
 n_layer = 4

@@ -11,6 +11,8 @@ How the model is spread over the processes (train.py --fsdp, --ep_size; DDP is t
   runs every expert (on zero rows if it got no token), so every rank joins every gather.
 - Expert parallel (ep_size > 1, expert_parallel.py): each MoE layer's experts split over ep_size processes;
   the rest is DDP over all processes.
+torch.compile is not used with FSDP or expert parallel (untested here): setup_processes turns it off with a
+note.
 """
 import os
 import signal
@@ -20,7 +22,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from common import UserError, compile_supported, pick_device, pick_dtype
+from nanomoe.device import compile_supported, pick_device, pick_dtype
+from nanomoe.errors import UserError
 
 BACKENDS = ("auto", "nccl", "gloo")  # 'auto' = nccl on CUDA, gloo otherwise
 
@@ -40,12 +43,14 @@ def setup_processes(cfg):
     if ddp and device == "mps":
         raise UserError("torchrun with device 'mps' is not supported (gloo cannot reduce MPS tensors); "
                         "train on one process, or use --device=cpu")
-    use_compile = cfg.compile and compile_supported(device)
-    if cfg.compile and not use_compile and rank == 0:
-        print(f"note: torch.compile is off on device '{device}' (it is used on CUDA)")
     # both flags take effect only under torchrun: one process holds everything anyway
     # sharding: () for none, else the modes, ("fsdp",), ("ep",) or ("fsdp", "ep")
     sharding = tuple(m for m, on in (("fsdp", cfg.fsdp), ("ep", cfg.ep_size > 1)) if on) if ddp else ()
+    use_compile = cfg.compile and compile_supported(device) and not sharding
+    if cfg.compile and not use_compile and rank == 0:
+        why = f"on device '{device}' (it is used on CUDA)" if not compile_supported(device) else \
+            f"with {' and '.join(sharding)} (untested here)"
+        print(f"note: torch.compile is off {why}")
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device.split(":")[0], dtype=pick_dtype(cfg.dtype, device),
                            compile=use_compile, sharding=sharding)
@@ -76,8 +81,6 @@ def check_sharding(cfg, proc):
     if proc.world_size % ep:
         raise UserError(f"ep_size={ep} does not divide the world size {proc.world_size} (the processes torchrun "
                         f"starts); use an ep_size that divides {proc.world_size}, or --ep_size=1")
-    if proc.sharding and proc.compile:
-        raise UserError("fsdp / ep_size > 1 with torch.compile is untested here; add --compile=False")
     if cfg.fsdp and proc.dtype == "float16":
         raise UserError("fsdp=True with dtype float16 is not supported (the GradScaler's skip over sharded "
                         "gradients is untested here); use --dtype=bfloat16")
@@ -89,10 +92,11 @@ def shard(model, cfg, proc):
     expert-parallel model. With both, FSDP shards everything but the experts over all processes and EP splits
     the experts. (torch's sharding modules are imported here: they take a second to import, which every other
     run would pay.)"""
-    import expert_parallel
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nanomoe.distributed import expert_parallel
     experts = None
     if "ep" in proc.sharding:
         mesh = init_device_mesh(proc.device_type, (proc.world_size // cfg.ep_size, cfg.ep_size),
@@ -128,14 +132,14 @@ def accumulating(model, sync, proc):
 def sync_gradients(model, proc):
     """After the last micro-step's backward: what the wrappers do not sync themselves (the expert gradients)."""
     if "ep" in proc.sharding:
-        import expert_parallel
+        from nanomoe.distributed import expert_parallel
         expert_parallel.sync_expert_grads(model, proc.world_size)
 
 
 def clip_gradients(model, max_norm, proc):
     """clip_grad_norm_ over the whole model however it is spread; -> the total norm (a plain tensor)."""
     if "ep" in proc.sharding:
-        import expert_parallel
+        from nanomoe.distributed import expert_parallel
         return expert_parallel.clip_grad_norm_(model, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if "fsdp" in proc.sharding else norm  # FSDP: a DTensor, summed over the shards
@@ -182,6 +186,12 @@ def mean_over_ranks(values, proc):
         out[k] = flat[i:i + n].view_as(values[k])
         i += n
     return out
+
+
+def reduce_mean(proc):
+    """The function the model's step hooks take (GPT.start_step, end_step): a tensor -> its mean over the
+    processes, on the tensor's device (the tensor itself in one process)."""
+    return lambda t: mean_over_ranks({"t": t}, proc)["t"].to(t.device)
 
 
 def gather_objects(obj, proc):

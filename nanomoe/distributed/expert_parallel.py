@@ -23,11 +23,12 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from moe_grouped import grouped_experts
+from nanomoe.layers.grouped_experts import grouped_experts
 
 
 class ExpertParallel:
-    """One MoE layer's share of the experts and the ep group that holds the others (moe_model.MoE calls it)."""
+    """One MoE layer's share of the experts and the ep group that holds the others (moe_model.MoE calls it in
+    place of its local experts step)."""
 
     def __init__(self, mesh, n_experts):
         self.mesh = mesh  # (dp, ep)
@@ -85,7 +86,7 @@ def shard_experts(model, mesh):
         for name, p in list(moe.experts.named_parameters()):
             local = p.detach()[ep.first:ep.first + ep.n_local].clone()
             setattr(moe.experts, name, nn.Parameter(local))
-        moe.expert_parallel = ep
+        moe.set_expert_parallel(ep)
 
 
 def expert_param_names(model):

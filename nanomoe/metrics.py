@@ -1,7 +1,7 @@
 """
-out_dir/metrics.jsonl: one JSON object per line, written by train.py (MetricsLog) and read by plot.py and
-the tests (read_metrics). Records have a "type" ("train" for a log line, "eval", "skip" for a skipped
-non-finite step) and an "iter"; the README lists their fields.
+out_dir/metrics.jsonl: one JSON object per line, written by train.py (MetricsLog) and read by tools.plot,
+tools.study and the tests (read_metrics). Records have a "type" ("train" for a log line, "eval", "skip" for a skipped
+non-finite step) and an "iter"; docs/reliability.md lists their fields.
 """
 import errno
 import json
@@ -9,7 +9,8 @@ import math
 import os
 import sys
 
-from common import UserError, atomic_write, disk_full_message
+from nanomoe.errors import UserError
+from nanomoe.files import atomic_write, disk_full_message
 
 
 class MetricsLog:

@@ -1,13 +1,15 @@
 """
-What each process holds under DDP, FSDP and expert parallel: one training step (forward, backward, AdamW) on
+What each process holds under DDP, FSDP and expert parallel: one training step (train.py's train_step) on
 random tokens, then every rank reports the bytes of the parameters, gradients and Adam moments it keeps and
 its peak resident memory (ru_maxrss). Takes train.py's config files and flags, launched like train.py:
 
-    torchrun --standalone --nproc_per_node=2 bench_sharding.py config/train_gpt2_moe.py --fsdp=True
-    torchrun --standalone --nproc_per_node=4 bench_sharding.py config/train_gpt2_moe.py --ep_size=4
+    torchrun --standalone --nproc_per_node=2 -m tools.bench_sharding config/train_gpt2_moe.py --fsdp=True
+    torchrun --standalone --nproc_per_node=4 -m tools.bench_sharding config/train_gpt2_moe.py --ep_size=4
 
 Every rank first builds the whole model (as train.py does) and then shards it, so the peak RSS includes one
-full copy of the fp32 weights whatever the mode; the held bytes are what a step needs afterwards.
+full copy of the fp32 weights whatever the mode; the held bytes are what a step needs afterwards. A gradient
+has its parameter's shape and sharding, so the gradients a step holds are counted as the bytes of the
+trainable parameters (the step frees them at its end, as train.py's does).
 """
 import resource
 import sys
@@ -17,12 +19,14 @@ from types import SimpleNamespace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import autocast_context, run_cli
-from configurator import parse_args
-from model import build_model, model_keys
-from parallel import (accumulating, check_sharding, clip_gradients, finish, gather_objects, join, local_tensor,
-                      setup_processes, shard, sync_gradients)
-from train import RUN_KEYS
+from nanomoe.cli import run_cli
+from nanomoe.configurator import parse_args
+from nanomoe.device import autocast_context
+from nanomoe.distributed.parallel import (check_sharding, finish, gather_objects, join, local_tensor,
+                                          setup_processes, shard)
+from nanomoe.factory import build_model, model_keys
+from nanomoe.optim import configure_optimizers
+from train import RUN_KEYS, train_step
 
 KEYS = {**RUN_KEYS, **model_keys()}  # train.py's keys, vocab_size included (there is no dataset)
 
@@ -38,24 +42,19 @@ def main():
         model = shard(raw, cfg, proc)
     else:
         model = DDP(raw) if proc.ddp else raw
-    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), proc.device_type)
+    optimizer = configure_optimizers(raw, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     proc.device_type)
     ctx = autocast_context(proc.device, proc.dtype)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     gen = torch.Generator().manual_seed(cfg.seed + proc.rank)
     times = []
-    for step in range(3):  # the first step allocates the gradients and Adam's moments; the others are timed
+    for step in range(3):  # the first step allocates Adam's moments; the others are timed
         t0 = time.time()
         x = torch.randint(0, raw.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen).to(proc.device)
-        with accumulating(model, True, proc), ctx:
-            _, loss, extra = model(x, x)
-        (loss + extra.get("aux_loss", 0.0)).backward()
-        sync_gradients(raw, proc)
-        clip_gradients(raw, cfg.grad_clip, proc)
-        optimizer.step()
-        for p in raw.parameters():  # zeroed, kept allocated: they are part of what a step needs (one by one: FSDP
-            p.grad.zero_()          # with EP mixes DTensors and plain tensors, which zero_grad's foreach refuses)
+        train_step(model, raw, optimizer, scaler, [(x, x)], ctx, proc, cfg.grad_clip)
         times.append(time.time() - t0)
-    held = {"params": sum(nbytes(p) for p in raw.parameters()),
-            "grads": sum(nbytes(p.grad) for p in raw.parameters() if p.grad is not None),
+    trainable = sum(nbytes(p) for p in raw.parameters() if p.requires_grad)
+    held = {"params": sum(nbytes(p) for p in raw.parameters()), "grads": trainable,
             "adam": sum(nbytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     reports = gather_objects({**held, "peak_rss": peak_rss, "step_s": min(times[1:])}, proc)

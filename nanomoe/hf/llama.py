@@ -1,6 +1,6 @@
 """
 Llama-family weights in and out of Hugging Face format: LlamaForCausalLM (dense), MixtralForCausalLM and
-Qwen2MoeForCausalLM (MoE). hf_interop.py picks the family and writes the folder; this file knows the layouts.
+Qwen2MoeForCausalLM (MoE). formats.py picks the family and writes the folder; this file knows the layouts.
 
 Our RoPE + RMSNorm + SwiGLU GPT is a Llama, weight for weight:
 - RoPE: model.apply_rope rotates the pairs (x[i], x[i + hs/2]) (the two halves of a head), which is exactly
@@ -24,9 +24,9 @@ Our RoPE + RMSNorm + SwiGLU GPT is a Llama, weight for weight:
 """
 import torch
 
-from common import UserError
 from model import GPTConfig, mlp_hidden_size
 from moe_model import MoEConfig
+from nanomoe.errors import UserError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 RMS_EPS = 1e-5  # model.make_norm's
@@ -72,7 +72,7 @@ def renormalises(args):
 
 def family_problems(args, family):
     """Why model_args `args` has no exact equivalent in `family` ('llama' | 'mixtral' | 'qwen2_moe'); [] if
-    it has one. Settings every format lacks (capacity, MLA, ...) are hf_interop's."""
+    it has one. Settings every format lacks (capacity, MLA, ...) are formats.py's."""
     name = ARCHITECTURES[family]
     problems = []
     for key, want, what in (("pos_emb", "rope", "RoPE"), ("norm", "rmsnorm", "RMSNorm"),

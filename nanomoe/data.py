@@ -1,6 +1,6 @@
 """
-Token data on disk (data/<dataset>/{train,val}.bin written by prepare.py) and random batches from it.
-Shared by train.py and bench.py. Batches come from an explicit torch.Generator, so a run's sequence of
+Token data on disk (data/<dataset>/{train,val}.bin written by prepare.py) and random batches from it, for
+train.py and the tools that read a run's data. Batches come from an explicit torch.Generator, so a run's sequence of
 batches depends only on that generator's state (saved in checkpoints for bit-exact resume).
 """
 import hashlib
@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torch
 
-from common import UserError
-from tokenizer import load_meta, prepare_command
+from nanomoe.errors import UserError
+from nanomoe.tokenizer import load_meta, prepare_command
 
 
 class TokenData:

@@ -2,15 +2,17 @@
 Benchmark training steps (forward, backward, optimizer) of a dense GPT and the MoE GPT with each expert
 implementation, at equal backbone and expert size, in one process:
 
-    python bench.py config/bench_cpu.py                       # small shapes, any machine
-    python bench.py config/train_gpt2_moe.py --moe_top_k=1    # GPT-2 124M shape, on a GPU
+    python -m tools.bench config/bench_cpu.py                       # small shapes, any machine
+    python -m tools.bench config/train_gpt2_moe.py --moe_top_k=1    # GPT-2 124M shape, on a GPU
 
-Prints one line per variant (median ms/step, tokens/s, MFU over active parameters, peak memory) and the
-MoE/dense ratios. Accepts every train.py config key and vocab_size, plus the few below.
+Each step is train.py's own (train.train_step: the MoE's step hooks, auxiliary losses, clipping, the
+non-finite check), on random tokens. Prints one line per variant (median ms/step, tokens/s, MFU over active
+parameters, peak memory) and the MoE/dense ratios. Accepts every train.py config key and vocab_size, plus the
+few below.
 """
 import os
-import statistics
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -21,20 +23,26 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly 
 
 import torch
 
-from checkpoint import model_state, save_checkpoint
-from common import UserError, autocast_context, compile_supported, gpu_peak_flops, pick_device, pick_dtype, run_cli
-from configurator import Valid, parse_args, script_keys
-from model import build_model, model_keys
-from train import RUN_KEYS
+from nanomoe.checkpoint import model_state, save_checkpoint
+from nanomoe.cli import run_cli
+from nanomoe.configurator import parse_args
+from nanomoe.device import autocast_context, gpu_peak_flops
+from nanomoe.distributed.parallel import setup_processes
+from nanomoe.errors import UserError
+from nanomoe.factory import build_model, model_keys
+from nanomoe.optim import configure_optimizers
+from nanomoe.settings import Valid, script_keys
+from train import RUN_KEYS, train_step
 
 # -----------------------------------------------------------------------------
-# bench.py's own keys; every train.py and model key is one too (vocab_size included: there is no dataset)
+# bench's own keys; every train.py and model key is one too (vocab_size included: there is no dataset)
 bench_variants = "dense,loop,grouped"  # which of dense, loop, grouped to run
 bench_warmup: Valid(min=0) = 3  # untimed steps first (compilation, allocator warm-up)
 bench_steps: Valid(min=1) = 10  # timed steps; the median is reported
 bench_checkpoint = True  # also time an atomic save of the full training checkpoint (model + AdamW state)
 # -----------------------------------------------------------------------------
-KEYS = {**RUN_KEYS, **model_keys(), **script_keys(globals())}
+KEYS = {**RUN_KEYS, **model_keys(), **script_keys(sys.modules[__name__])}
+VARIANTS = ("dense", "loop", "grouped")
 
 
 def build(variant, cfg):
@@ -45,53 +53,51 @@ def build(variant, cfg):
     return build_model({**vars(cfg), "moe_impl": variant})
 
 
-def bench_variant(variant, cfg, dev, dtype):
-    """Median seconds per training step and peak memory (bytes, CUDA only) for one variant."""
-    model = build(variant, cfg).to(dev)
-    raw = model
-    device_type = dev.split(":")[0]
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    if cfg.compile and compile_supported(dev):
-        model = torch.compile(model)
-    ctx = autocast_context(dev, dtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+def make_step(variant, cfg, proc):
+    """(model, step): the variant's model on proc.device and a function that runs one training step of it on
+    fresh random tokens, exactly as train.py would (train_step)."""
+    model = build(variant, cfg).to(proc.device)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     proc.device_type)
+    runs = torch.compile(model) if proc.compile else model
+    ctx = autocast_context(proc.device, proc.dtype)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, cfg.block_size)
 
     def step():
-        for _ in range(cfg.gradient_accumulation_steps):
-            x = torch.randint(cfg.vocab_size, shape, generator=gen).to(dev)
-            y = torch.randint(cfg.vocab_size, shape, generator=gen).to(dev)
-            with ctx:
-                _, loss, extra = model(x, y)
-                total = loss + extra["loss"] if "loss" in extra else loss
-            scaler.scale(total / cfg.gradient_accumulation_steps).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [(torch.randint(cfg.vocab_size, shape, generator=gen).to(proc.device),
+                    torch.randint(cfg.vocab_size, shape, generator=gen).to(proc.device))
+                   for _ in range(cfg.gradient_accumulation_steps)]
+        train_step(runs, model, optimizer, scaler, batches, ctx, proc, cfg.grad_clip)
+    return model, optimizer, step
+
+
+def bench_variant(variant, cfg, proc):
+    """(model, median seconds per training step, peak memory in bytes (CUDA only), checkpoint save) of one
+    variant."""
+    model, optimizer, step = make_step(variant, cfg, proc)
 
     def sync():
-        if device_type == "cuda":
+        if proc.device_type == "cuda":
             torch.cuda.synchronize()
-        elif device_type == "mps":
+        elif proc.device_type == "mps":
             torch.mps.synchronize()
 
     for _ in range(cfg.bench_warmup):
         step()
     sync()
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    if proc.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(proc.device)
     times = []
     for _ in range(cfg.bench_steps):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak_mem = torch.cuda.max_memory_allocated(dev) if device_type == "cuda" else None
-    save = time_checkpoint_save(raw, optimizer) if cfg.bench_checkpoint else None
-    return raw, statistics.median(times), peak_mem, save
+    peak_mem = torch.cuda.max_memory_allocated(proc.device) if proc.device_type == "cuda" else None
+    save = time_checkpoint_save(model, optimizer) if cfg.bench_checkpoint else None
+    return model, statistics.median(times), peak_mem, save
 
 
 def time_checkpoint_save(model, optimizer, repeats=3):
@@ -106,28 +112,27 @@ def time_checkpoint_save(model, optimizer, repeats=3):
         return statistics.median(times), os.path.getsize(path)
 
 
-def main():
-    cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:]))
+def main(argv=None):
+    cfg = SimpleNamespace(**parse_args(KEYS, sys.argv[1:] if argv is None else argv))
     variants = [v.strip() for v in cfg.bench_variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ("dense", "loop", "grouped")]
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise UserError(f"bench_variants has {unknown or 'nothing'}; use a comma-separated list of dense, loop, grouped")
     if cfg.n_experts < 1 and set(variants) - {"dense"}:
         raise UserError("the MoE variants need experts: set --n_experts (e.g. --n_experts=8), or "
                         "--bench_variants=dense")
-    dev = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, dev)
-    peak = gpu_peak_flops(dev, cfg.peak_flops)
+    proc = setup_processes(cfg)
+    peak = gpu_peak_flops(proc.device, cfg.peak_flops)
     tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else dev
-    print(f"device {name}, dtype {dtype}, compile {cfg.compile and compile_supported(dev)}, torch {torch.__version__}; "
+    name = torch.cuda.get_device_name(proc.device) if proc.device_type == "cuda" else proc.device
+    print(f"device {name}, dtype {proc.dtype}, compile {proc.compile}, torch {torch.__version__}; "
           f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps}; MoE: {cfg.n_experts} experts, top-{cfg.moe_top_k}, every "
           f"{cfg.moe_every} layer(s), capacity_factor {cfg.capacity_factor}; "
           + (f"Mamba2 layers {cfg.mamba_layers}; " if cfg.mamba_layers else "") + f"median of {cfg.bench_steps} steps")
     results = {}
     for variant in variants:
-        model, dt, mem, save = bench_variant(variant, cfg, dev, dtype)
+        model, dt, mem, save = bench_variant(variant, cfg, proc)
         mfu = model.estimate_mfu(tokens, dt, peak)
         results[variant] = dt
         label = "dense" if variant == "dense" else f"moe-{variant}"
@@ -137,7 +142,7 @@ def main():
               f"params {model.get_num_params() / 1e6:.2f}M, active {model.num_active_params() / 1e6:.2f}M"
               + (f"  ckpt save {save[0] * 1000:.0f} ms ({save[1] / 2**20:.1f} MiB)" if save else ""), flush=True)
         del model
-        if dev.startswith("cuda"):
+        if proc.device_type == "cuda":
             torch.cuda.empty_cache()
     if "dense" in results:
         ratios = [f"moe-{v}/dense {results[v] / results['dense']:.2f}x" for v in ("loop", "grouped") if v in results]

@@ -1,9 +1,9 @@
 """
-GPT-2 weights in and out of Hugging Face format: the GPT2LMHeadModel layout. hf_interop.py, which train.py
-(init_from='gpt2' or 'hf:/path') and export.py use, picks this file for GPT-2 folders and checkpoints.
+GPT-2 weights in and out of Hugging Face format: the GPT2LMHeadModel layout. formats.py, which train.py
+(init_from='gpt2' or 'hf:/path') and tools/export.py use, picks this file for GPT-2 folders and checkpoints.
 
     dense = load_gpt2("gpt2")                       # hub download (needs transformers), like nanoGPT
-    dense = load_gpt2("hf:/path/to/folder")         # a folder written by save_pretrained or export.py
+    dense = load_gpt2("hf:/path/to/folder")         # a folder written by save_pretrained or tools.export
     export_hf(dense, "out/hf")                      # config.json + model.safetensors, GPT2LMHeadModel layout
 
 Hugging Face's GPT-2 keeps its linear layers in a Conv1D module whose weight is (in, out), the transpose of
@@ -17,9 +17,9 @@ from dataclasses import asdict
 
 import torch
 
-from common import UserError
-from hf_interop import HUB_NAMES, first_line, folder_model_type, transformers_module
 from model import GPT, GPTConfig
+from nanomoe.errors import UserError
+from nanomoe.hf.common import HUB_NAMES, first_line, folder_model_type, transformers_module
 
 # Hugging Face's Conv1D weights are (in, out): these are transposed to and from nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -1,8 +1,8 @@
 """
 Plot training runs from their out_dir/metrics.jsonl (written by train.py), several runs on one chart:
 
-    python plot.py out-shakespeare-char out-shakespeare-moe            # -> runs.png, runs_experts.png
-    python plot.py out-a out-b -o compare.png --x tokens               # -> compare.png, compare_experts.png
+    python -m tools.plot out-shakespeare-char out-shakespeare-moe      # -> runs.png, runs_experts.png
+    python -m tools.plot out-a out-b -o compare.png --x tokens         # -> compare.png, compare_experts.png
 
 An image that already exists is replaced only with --force.
 
@@ -18,12 +18,14 @@ metrics.jsonl may be read while a run writes it: an unfinished last line is skip
 """
 import os
 
-from common import ArgumentParser, UserError, run_cli
-from metrics import read_metrics
+from nanomoe.cli import ArgumentParser, run_cli
+from nanomoe.errors import UserError
+from nanomoe.metrics import read_metrics
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Plot loss curves and expert load of training runs (their metrics.jsonl).")
+    p = ArgumentParser(prog="python -m tools.plot",
+                       description="Plot loss curves and expert load of training runs (their metrics.jsonl).")
     p.add_argument("runs", nargs="+", help="out_dir folders of runs (each holds a metrics.jsonl)")
     p.add_argument("-o", "--output", default="runs.png",
                    help="loss curves image (default runs.png); expert load goes to <name>_experts.png")
@@ -131,7 +133,7 @@ def main(argv=None):
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
+        raise UserError("tools.plot needs matplotlib: pip install matplotlib") from None
     runs = list(zip(run_labels(args.runs), [read_metrics(d) for d in args.runs]))
     moe_runs = []
     for label, recs in runs:

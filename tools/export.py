@@ -1,10 +1,10 @@
 """
 Write a checkpoint as a Hugging Face model (config.json, model.safetensors or shards with an index, the
 tokenizer or a note on it), for transformers, serving tools and the hub. The format follows the checkpoint's
-architecture (hf_interop.py has the table); --format names one, and must fit:
+architecture (nanomoe/hf/formats.py has the table); --format names one, and must fit:
 
-    python export.py --out_dir=out-shakespeare-char                   # -> out-shakespeare-char/hf
-    python export.py --out_dir=out-moe --ckpt=best.pt --hf_dir=exported/moe --format=qwen2_moe
+    python -m tools.export --out_dir=out-shakespeare-char                   # -> out-shakespeare-char/hf
+    python -m tools.export --out_dir=out-moe --ckpt=best.pt --hf_dir=exported/moe --format=qwen2_moe
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("out-shakespeare-char/hf")
@@ -20,10 +20,11 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from checkpoint import load_checkpoint
-from common import run_cli
-from configurator import Valid, parse_args, script_keys
-from hf_interop import ARCHITECTURES, FORMATS, export_checkpoint
+from nanomoe.checkpoint import load_checkpoint
+from nanomoe.cli import run_cli
+from nanomoe.configurator import parse_args
+from nanomoe.hf.formats import ARCHITECTURES, FORMATS, export_checkpoint
+from nanomoe.settings import Valid, script_keys
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
@@ -32,7 +33,7 @@ hf_dir: str | None = None  # where to write the Hugging Face folder (None = out_
 format: Valid(str | None, choices=FORMATS) = None  # None = the format the checkpoint's architecture has
 force = False  # replace the files of an earlier export in a non-empty hf_dir
 # -----------------------------------------------------------------------------
-KEYS = script_keys(globals())
+KEYS = script_keys(sys.modules[__name__])
 
 
 def main(argv=None):

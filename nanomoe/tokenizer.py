@@ -1,6 +1,6 @@
 """
 The tokenizer and its meta.json, written once here. prepare.py writes meta.json beside train.bin/val.bin;
-train.py, sample.py and bench.py read it back with load_meta() and Tokenizer.from_meta(), so nothing
+train.py, sample.py and tools/ read it back with load_meta() and Tokenizer.from_meta(), so nothing
 re-derives the vocabulary on its own.
 
 meta.json:
@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from common import UserError, atomic_write
+from nanomoe.errors import UserError
+from nanomoe.files import atomic_write
 
 GPT2_EOT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257

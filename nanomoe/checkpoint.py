@@ -1,5 +1,5 @@
 """
-Checkpoint I/O, shared by train.py, sample.py, bench.py and export.py.
+Checkpoint I/O, shared by train.py, sample.py and tools/, and the run's folder (out_dir) with its lock.
 
 A checkpoint holds only tensors and plain Python values (no pickled classes), so it loads with
 torch.load(weights_only=True): opening one cannot run code. It is written with common.atomic_write (temp
@@ -12,9 +12,9 @@ What train.py saves:
     config       the run's other settings; optimizer, scaler, rng, iter_num, best_val_loss to resume
 
 A sharded run (train.py --fsdp=True or --ep_size > 1 under torchrun) saves with torch.distributed.checkpoint
-instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one (see
-save_sharded). `python checkpoint.py OUT_DIR` turns it into an ordinary single file for sample.py, export.py
-and everything else.
+instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one
+(nanomoe/distributed/checkpoint.py). `python -m tools.consolidate OUT_DIR` turns it into an ordinary single
+file for sample.py, tools.export and everything else.
 """
 import os
 import pickle
@@ -22,16 +22,15 @@ import random
 import re
 import shutil
 import socket
-import sys
-import warnings
 import zipfile
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from common import UserError, atomic_write, replace_durably, temp_path
-from model import build_model, model_keys
+from nanomoe.errors import UserError
+from nanomoe.factory import build_model, model_keys
+from nanomoe.files import atomic_write, replace_durably, temp_path
 
 
 def clean_state_dict(state_dict):
@@ -72,7 +71,6 @@ def link_checkpoint(src, dst):
     try:
         os.link(src, tmp)
     except OSError:
-        import shutil
         shutil.copyfile(src, tmp)
     replace_durably(tmp, dst)
 
@@ -91,7 +89,7 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
         folder = os.path.dirname(path) or "."
         if os.path.exists(os.path.join(folder, SHARDED)):
             raise UserError(f"no checkpoint at {path}, but {folder} holds a sharded one ({SHARDED}); make a single "
-                            f"file of it with: python checkpoint.py {folder} (then --ckpt={CONSOLIDATED})")
+                            f"file of it with: python -m tools.consolidate {folder} (then --ckpt={CONSOLIDATED})")
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir / --init_from)")
     # torch.save writes a zip whose entries carry CRC32s that torch.load never checks: test them here (about
     # as fast as reading the file) so bytes damaged on disk or in a copy are refused instead of loaded as weights
@@ -172,11 +170,10 @@ def set_rng_state(state, batch_gen):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc, model=None):
-    """Optimizer, scaler and random states from a checkpoint; from a sharded one the model's weights too."""
-    if "sharded" in ckpt:
-        load_sharded(ckpt["sharded"], model, optimizer)
-    else:
+def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
+    """Optimizer, scaler and random states from a checkpoint (a sharded one's optimizer and weights are read
+    by distributed/checkpoint.load_sharded instead)."""
+    if "sharded" not in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -243,10 +240,10 @@ def lock_out_dir(out_dir):
 
 
 # -----------------------------------------------------------------------------
-# sharded checkpoints: torch.distributed.checkpoint (DCP), for train.py --fsdp / --ep_size
+# which checkpoint of a run is the latest: ckpt.pt, or a sharded run's (nanomoe/distributed/checkpoint.py)
 
 SHARDED = "ckpt.dcp"  # in out_dir: a link to the folder of the latest sharded checkpoint
-CONSOLIDATED = "consolidated.pt"  # where `python checkpoint.py OUT_DIR` writes its single file
+CONSOLIDATED = "consolidated.pt"  # where `python -m tools.consolidate OUT_DIR` writes its single file
 
 
 def latest_checkpoint(out_dir):
@@ -267,117 +264,3 @@ def remove_sharded(out_dir):
         target = os.readlink(link)
         os.remove(link)
         shutil.rmtree(os.path.join(out_dir, target), ignore_errors=True)
-
-
-def load_sharded_meta(path, needs=()):
-    """A sharded checkpoint's entries other than weights and optimizer (its meta.pt), checked like
-    load_checkpoint's, plus 'sharded': the folder, to read the weights from once the model is sharded."""
-    meta_path = os.path.join(path, "meta.pt")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"sharded checkpoint {path} has no meta.pt: it is incomplete or damaged")
-    try:
-        meta = torch.load(meta_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load {meta_path}: it is truncated or corrupt ({type(e).__name__})") from None
-    check_entries(meta, path, [k for k in needs if k != "optimizer"])  # the optimizer is in the shards
-    return {**meta, "sharded": os.path.realpath(path)}
-
-
-def sharded_state(model, optimizer):
-    """{"model": ..., "optimizer": ...} keyed by parameter name, each tensor as the DTensor (FSDP) or plain
-    tensor this rank holds; expert-parallel slices described as such (expert_parallel.global_view)."""
-    import expert_parallel
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    state = {"model": get_model_state_dict(model),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=flat_optimizer_state())}
-    return expert_parallel.global_view(model, state)
-
-
-def flat_optimizer_state():
-    """The optimizer's state keyed by parameter name, not by parameter group: runs that group the parameters
-    differently (FSDP with expert parallel splits each group in two, see GPT.configure_optimizers) read each
-    other's checkpoints."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def save_sharded(model, optimizer, meta, out_dir, proc):
-    """Every rank writes its shards to out_dir/.tmp-ckpt.dcp/, rank 0 adds meta.pt (the other entries of a
-    ckpt.pt), renames the folder to ckpt-<iter>.dcp and points the link ckpt.dcp at it by an atomic rename.
-    A kill at any moment leaves ckpt.dcp on a complete checkpoint: the previous one until the link moves.
-    Then the previous folder, and a ckpt.pt an unsharded run of this out_dir left, are removed."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    tmp = os.path.join(out_dir, ".tmp-ckpt.dcp")
-    if proc.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()  # nobody writes into the folder before it is fresh
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=tmp)  # returns once every rank's files are written
-    if proc.master:
-        save_checkpoint(meta, os.path.join(tmp, "meta.pt"))
-        name, n = f"ckpt-{meta['iter_num']}.dcp", 1
-        while os.path.exists(os.path.join(out_dir, name)):
-            name, n = f"ckpt-{meta['iter_num']}-{n}.dcp", n + 1
-        os.rename(tmp, os.path.join(out_dir, name))
-        link = os.path.join(out_dir, SHARDED)
-        previous = os.readlink(link) if os.path.islink(link) else None
-        os.symlink(name, temp_path(link))
-        replace_durably(temp_path(link), link)
-        if previous and previous != name:
-            shutil.rmtree(os.path.join(out_dir, previous), ignore_errors=True)
-        if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-            os.remove(os.path.join(out_dir, "ckpt.pt"))
-    dist.barrier()
-
-
-def load_sharded(path, model, optimizer):
-    """Read a sharded checkpoint into model and optimizer, whatever their layout now (another world size or ep
-    size, FSDP or not, one process): DCP reads each rank's part of every tensor from the saved shards."""
-    import expert_parallel
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    state = sharded_state(model, optimizer)
-    with warnings.catch_warnings():
-        # one process without a process group (consolidating, resuming unsharded): DCP warns that it reads
-        # every shard itself, which is what we ask for
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-    state = expert_parallel.local_view(model, state)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat_optimizer_state())
-
-
-def consolidate(out_dir, dest=None):
-    """The sharded checkpoint of out_dir as one ordinary checkpoint file (weights, optimizer and every other
-    entry; resumable by an unsharded run, readable by sample.py and export.py). -> the file's path."""
-    meta = load_sharded_meta(os.path.join(out_dir, SHARDED), needs=TO_RESUME)
-    model = model_from_checkpoint(meta)
-    c = meta["config"]
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
-    load_sharded(meta["sharded"], model, optimizer)
-    ckpt = {**model_state(model), **{k: v for k, v in meta.items() if k not in ("model_args", "sharded")},
-            "optimizer": optimizer.state_dict()}
-    dest = dest or os.path.join(out_dir, CONSOLIDATED)
-    save_checkpoint(ckpt, dest)
-    return dest
-
-
-def main(argv):
-    from common import ArgumentParser
-    parser = ArgumentParser(prog="checkpoint.py", description="Write a sharded checkpoint (OUT_DIR/ckpt.dcp, "
-                            "saved by train.py --fsdp or --ep_size) as one ordinary checkpoint file.")
-    parser.add_argument("out_dir", help="the training run's folder")
-    parser.add_argument("--dest", help=f"the file to write (default OUT_DIR/{CONSOLIDATED})")
-    args = parser.parse_args(argv)
-    if not os.path.exists(os.path.join(args.out_dir, SHARDED)):
-        raise UserError(f"{args.out_dir} has no sharded checkpoint ({SHARDED}); a run without --fsdp / --ep_size "
-                        f"saves ckpt.pt, which needs no conversion")
-    dest = consolidate(args.out_dir, args.dest)
-    beside = os.path.dirname(os.path.abspath(dest)) == os.path.abspath(args.out_dir)
-    print(f"wrote {dest}" + (f": python sample.py --out_dir={args.out_dir} --ckpt={os.path.basename(dest)}"
-                             if beside else ""))
-
-
-if __name__ == "__main__":
-    from common import run_cli
-    run_cli(lambda: main(sys.argv[1:]))

@@ -2,9 +2,9 @@
 The routing study: dense vs Mixture-of-Experts GPTs at equal active parameters per token, trained one after
 another by train.py on the same data, steps and schedule, then compared on val loss (docs/study.md).
 
-    python study.py                                   # CPU scale, both char corpora -> docs/study_*.png, .md
-    python study.py --corpora shakespeare_char --variants dense,top2x8-aux --seeds 1
-    python study.py --scale gpu --work out-study-gpu  # the same study at GPU size (6 x 384, 5000 steps)
+    python -m tools.study                                   # CPU scale, both char corpora -> docs/study_*
+    python -m tools.study --corpora shakespeare_char --variants dense,top2x8-aux --seeds 1
+    python -m tools.study --scale gpu --work out-study-gpu  # the same study at GPU size (6 x 384, 5000 steps)
 
 Every variant's FFN does the same work per token: the dense MLP has hidden size F = 4 * n_embd, and an MoE
 layer runs k experts of hidden F/k (plus its shared experts), so the active parameters per token are equal
@@ -27,10 +27,11 @@ import subprocess
 import sys
 import sysconfig
 
-from common import ArgumentParser, UserError, run_cli
-from metrics import read_metrics
+from nanomoe.cli import ArgumentParser, run_cli
+from nanomoe.errors import UserError
+from nanomoe.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and prepare.py are run from here
 
 # the model and run at each scale: everything but the FFN is shared by all variants
 SCALES = {
@@ -64,7 +65,8 @@ CORPORA = ("shakespeare_char", "pystdlib_char", "pystdlib_gpt2")
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Train dense and MoE variants at equal active parameters; plot and tabulate.")
+    p = ArgumentParser(prog="python -m tools.study",
+                       description="Train dense and MoE variants at equal active parameters; plot and tabulate.")
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="model and run size (default cpu)")
     p.add_argument("--corpora", default="shakespeare_char,pystdlib_char",
                    help=f"comma list of {', '.join(CORPORA)} (default: the two char corpora)")
@@ -189,7 +191,7 @@ def pyplot():
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("study.py needs matplotlib for its plots: pip install matplotlib") from None
+        raise UserError("tools.study needs matplotlib for its plots: pip install matplotlib") from None
     return plt
 
 

@@ -1,12 +1,12 @@
 """
 Hugging Face formats in and out: the one place that picks the format. train.py (init_from='gpt2' or
-'hf:/path') and export.py use it; the layouts are in hf_gpt2.py (GPT2LMHeadModel) and hf_llama.py
+'hf:/path') and tools/export.py use it; the layouts are in gpt2.py (GPT2LMHeadModel) and llama.py
 (LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM).
 
     model = load_hf("hf:/path/to/folder")             # a GPT (gpt2, llama) or an MoEGPT (mixtral, qwen2_moe)
     export_checkpoint(ckpt, "out/hf")                 # the format the checkpoint's architecture has
 
-Which format a checkpoint exports to (pick_format; export.py --format overrides, then it must fit):
+Which format a checkpoint exports to (pick_format; tools.export --format overrides, then it must fit):
     learned positions, LayerNorm, GELU, dense           -> gpt2       GPT2LMHeadModel
     RoPE, RMSNorm, SwiGLU (+ GQA, + biases), dense      -> llama      LlamaForCausalLM
     that backbone, MoE in every layer, renormalised top-k, no shared experts, no biases
@@ -23,14 +23,16 @@ from dataclasses import asdict, fields
 
 import torch
 
-import hf_llama
-from checkpoint import model_from_checkpoint
-from common import UserError, disk_full_message
-from model import build_model, check_same_model, model_keys
 from moe_model import MoEConfig, MoEGPT
+from nanomoe.checkpoint import model_from_checkpoint
+from nanomoe.errors import UserError
+from nanomoe.factory import build_model, check_same_model, model_keys
+from nanomoe.files import disk_full_message
+from nanomoe.hf import llama
+from nanomoe.hf.common import HUB_NAMES, first_line, folder_model_type, transformers_module
+from nanomoe.hf.gpt2 import export_hf, gpt2_problems, load_gpt2
 
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", **hf_llama.ARCHITECTURES}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", **llama.ARCHITECTURES}
 FORMATS = tuple(ARCHITECTURES)
 
 # Settings no Hugging Face format here has an equivalent for, whichever family: (setting, its value in a model
@@ -50,38 +52,11 @@ WRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.
            "special_tokens_map.json", "vocab.json", "merges.txt", "README.md")
 
 
-def transformers_module():
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("Hugging Face formats need the transformers package: pip install transformers") from None
-    return transformers
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
 # ---- in
 
 def is_hf_init(init_from):
     """True for the init_from values that load Hugging Face weights: a GPT-2 hub name or 'hf:/path/to/folder'."""
     return init_from in HUB_NAMES or init_from.startswith("hf:")
-
-
-def folder_model_type(source):
-    """config.json's model_type of a local Hugging Face folder, with readable errors."""
-    config_path = os.path.join(source, "config.json")
-    if not os.path.isdir(source):
-        raise UserError(f"no folder '{source}': init_from takes {', '.join(HUB_NAMES)} or hf:/path/to/folder "
-                        f"(a folder written by save_pretrained or export.py)")
-    if not os.path.isfile(config_path):
-        raise UserError(f"'{source}' is not a Hugging Face model folder (no config.json)")
-    try:
-        with open(config_path) as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"cannot read {config_path}: {first_line(e)}") from None
 
 
 def load_hf(name_or_path, settings=None):
@@ -92,7 +67,6 @@ def load_hf(name_or_path, settings=None):
     settings = settings or {}
     model_type = "gpt2" if source in HUB_NAMES else folder_model_type(source)
     if model_type == "gpt2":
-        from hf_gpt2 import load_gpt2  # imported here: hf_gpt2 imports this file
         return load_gpt2(source, dropout=settings.get("dropout", 0.0))
     if model_type not in FORMATS:
         raise UserError(f"'{source}' holds a {model_type!r} model; init_from reads {', '.join(FORMATS)}")
@@ -102,10 +76,10 @@ def load_hf(name_or_path, settings=None):
         hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except Exception as e:  # OSError for missing files, ValueError for bad configs, ...
         raise UserError(f"cannot load '{source}': {type(e).__name__}: {first_line(e)}") from None
-    args = hf_llama.model_args_from_hf(hf.config, source)
+    args = llama.model_args_from_hf(hf.config, source)
     keys = model_keys()
     args.update({k: v for k, v in settings.items() if k in keys and keys[k].runtime and k != "moe_renorm"})
-    sd = hf_llama.from_hf_state(dict(hf.state_dict()), args, source)
+    sd = llama.from_hf_state(dict(hf.state_dict()), args, source)
     model = build_model(args)
     model.load_state_dict(sd)
     return model
@@ -137,7 +111,7 @@ def model_for_training(cfg, explicit=()):
 def pick_format(model_args):
     """The Hugging Face format whose architecture the checkpoint has (see the module docstring)."""
     if model_args.get("n_experts", 0) > 0:
-        return "mixtral" if hf_llama.fits_mixtral(model_args) else "qwen2_moe"
+        return "mixtral" if llama.fits_mixtral(model_args) else "qwen2_moe"
     return "gpt2" if model_args["pos_emb"] == "learned" else "llama"
 
 
@@ -145,7 +119,7 @@ def check_exportable(model_args, fmt, picked=False):
     """A UserError naming what `fmt` cannot represent exactly; nothing when it can. picked: fmt is
     pick_format's choice, not the user's."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}: export.py writes {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}: tools.export writes {', '.join(FORMATS)}")
     for name, default, exports, what in NO_EQUIVALENT:
         if not exports(model_args.get(name, default)):
             raise UserError(f"cannot export to {fmt}: no Hugging Face format here has {what}")
@@ -154,10 +128,9 @@ def check_exportable(model_args, fmt, picked=False):
         if n > 0:
             raise UserError(f"an MoE model ({n} experts) cannot be written in GPT-2 format: GPT-2 has no experts "
                             f"(its MoE formats are mixtral and qwen2_moe, for RoPE + RMSNorm + SwiGLU models)")
-        from hf_gpt2 import gpt2_problems
         problems = gpt2_problems(model_args)
     else:
-        problems = hf_llama.family_problems(model_args, fmt)
+        problems = llama.family_problems(model_args, fmt)
     if problems and picked and fmt != "gpt2" and model_args.get("n_experts", 0) > 0:
         # an MoE that fits no format: say why neither GPT-2 nor the MoE format it came closest to holds it
         raise UserError(f"cannot export this MoE model: GPT-2 has no experts, and {'; '.join(problems)}")
@@ -191,7 +164,6 @@ def export_checkpoint(ckpt, folder, fmt=None, force=False, max_shard_size="5GB")
     try:
         os.makedirs(tmp)
         if fmt == "gpt2":
-            from hf_gpt2 import export_hf
             export_hf(model, tmp)
         else:
             _save_llama_family(model, args, fmt, tmp, max_shard_size)
@@ -216,14 +188,14 @@ def _save_llama_family(model, args, fmt, folder, max_shard_size):
     """Build the transformers model from our weights and let save_pretrained write it (it writes the experts
     in the per-expert layout Mixtral and Qwen2-MoE checkpoints use, and shards above max_shard_size)."""
     transformers = transformers_module()
-    kwargs = hf_llama.hf_config(args, fmt)
+    kwargs = llama.hf_config(args, fmt)
     config_class = {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
                     "qwen2_moe": transformers.Qwen2MoeConfig}[fmt]
     config = config_class(**kwargs, architectures=[ARCHITECTURES[fmt]])
     config.dtype = model.lm_head.weight.dtype  # save_pretrained writes the weights in it
     with torch.device("meta"):  # no memory, no random init: every tensor comes from our weights
         hf = getattr(transformers, ARCHITECTURES[fmt])(config)
-    hf.load_state_dict(hf_llama.to_hf_state(model.state_dict(), args, fmt), strict=True, assign=True)
+    hf.load_state_dict(llama.to_hf_state(model.state_dict(), args, fmt), strict=True, assign=True)
     hf.tie_weights()
     hf.save_pretrained(folder, max_shard_size=max_shard_size)
     # readers older than transformers 5 take rope_theta from the top level (Mixtral's default is 1e6, not ours)

@@ -22,8 +22,8 @@ chunk_size positions, y is a masked matrix product much like causal attention (q
 step depends on another), and a short recurrence over the chunks carries the state from one to the next. A
 sequence whose length is not a multiple of chunk_size is padded at its end with steps of dt = 0, which
 neither decay the state nor write to it. Generation runs the recurrence itself one token at a time
-(ssd_step): the KVCache holds the last conv_kernel - 1 conv inputs and the state, the same size whatever
-the context, so a token costs the same at position 10 and at position 10,000.
+(ssd_step): the GenerationCache holds the last conv_kernel - 1 conv inputs and the state, the same size
+whatever the context, so a token costs the same at position 10 and at position 10,000.
 """
 import math
 
@@ -31,11 +31,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanomoe.errors import UserError
+
+
+def check_mamba_config(config):
+    """Mamba2 settings that do not fit the rest of the model (GPTConfig.validate calls it): a UserError."""
+    layers = config.mamba_layers
+    if len(set(layers)) != len(layers):
+        raise UserError(f"mamba_layers={layers} names a layer twice; list each layer index once")
+    if max(layers) >= config.n_layer:
+        raise UserError(f"mamba_layers={layers} has layer {max(layers)}, but n_layer={config.n_layer} numbers "
+                        f"the layers 0..{config.n_layer - 1}")
+    inner, heads = config.n_embd * config.mamba2_expand, config.mamba2_num_heads * config.mamba2_head_dim
+    if inner != heads:
+        raise UserError(f"Mamba2 needs n_embd * mamba2_expand == mamba2_num_heads * mamba2_head_dim, got "
+                        f"{config.n_embd} * {config.mamba2_expand} = {inner} vs {config.mamba2_num_heads} * "
+                        f"{config.mamba2_head_dim} = {heads}; set mamba2_num_heads and mamba2_head_dim so their "
+                        f"product is {inner}")
+    if config.mamba2_num_heads % config.mamba2_n_groups:
+        raise UserError(f"mamba2_num_heads={config.mamba2_num_heads} is not divisible by mamba2_n_groups="
+                        f"{config.mamba2_n_groups} (each group of heads shares one B and C)")
+
 
 class Mamba2(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.layer_idx = layer_idx  # which entry of a KVCache is ours
+        self.layer_idx = layer_idx  # which entry of a GenerationCache is ours
         self.n_head, self.head_dim = config.mamba2_num_heads, config.mamba2_head_dim
         self.state_size, self.n_groups = config.mamba2_state_size, config.mamba2_n_groups
         self.chunk_size, self.conv_kernel = config.mamba2_chunk_size, config.mamba2_conv_kernel
@@ -57,8 +78,8 @@ class Mamba2(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, u, cache=None):
-        """u (B, T, n_embd) -> (B, T, n_embd). With a KVCache, u are the positions after the cached ones: the
-        conv and the state continue from the cache, and the cache takes in the new ones."""
+        """u (B, T, n_embd) -> (B, T, n_embd). With a GenerationCache, u are the positions after the cached ones:
+        the conv and the state continue from the cache, and the cache takes in the new ones."""
         Bsz, T, _ = u.shape
         H, P, N, G = self.n_head, self.head_dim, self.state_size, self.n_groups
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
