@@ -1,37 +1,47 @@
 """
-Shared by the tests: the repository path, run() for the CLI scripts, one-line error checks, flags for a tiny
-model, and a small shakespeare_char dataset prepared once per test session.
-
-Test files use the plain helpers with `from conftest import REPO, run` and the dataset as a fixture:
+Shared by the tests, written once: the repository path, ways to run a script (a subprocess as a person runs
+it, or in this process when a torch start per case would cost too much), one-line error checks, flags for a
+tiny model, and a small char dataset made once per session from text generated here (the tests read nothing
+outside the repository).
 
     def test_train(tmp_path, shakespeare_data):
-        run(["train.py", f"--data_root={shakespeare_data}", *TINY_MODEL, *TINY_RUN], cwd=tmp_path)
+        run(train_args(shakespeare_data, tmp_path / "out", "--max_iters=4"), cwd=tmp_path)
+
+`python -m pytest -m "not slow" tests` leaves out the tests marked slow (kill -9 and resume, torchrun and
+forked ranks, Hugging Face interop, the study): a quick loop while working. CI runs them all.
 """
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
+import runpy
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: kill-and-resume, torchrun, Hugging Face interop and whole-study "
-                                       "tests; `pytest -m 'not slow'` skips them for a quick loop (.ci/run and "
-                                       "the README command run all)")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests import model.py, moe_model.py, train.py and nanomoe/ as the scripts do
 
 # the tests' models are tiny: one thread is fastest, and two threads on a busy 2-core machine mostly spin
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests import model.py, moe_model.py, ... directly
 
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-TINY_CHARS = 100_000  # enough text for a few dozen iterations, quick to tokenize
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: kill-and-resume, torchrun and forked ranks, Hugging Face interop and "
+                                       "whole-study tests; `pytest -m 'not slow'` skips them for a quick loop")
+
+
+# GPT-2's BPE offline: tiktoken reads its files from TIKTOKEN_CACHE_DIR (.ci/run sets it when ../shared has them)
+needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
+                                reason="GPT-2 BPE needs tiktoken's files offline: set TIKTOKEN_CACHE_DIR to a "
+                                       "folder that holds them")
 
 # a model and a run small enough that CLI training takes seconds on 2 CPU cores
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--dropout=0.0"]
@@ -40,22 +50,29 @@ TINY_RUN = ["--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=
 
 
 def train_args(data_root, out_dir, *extra):
-    """train.py arguments for a tiny model on the shakespeare_data fixture's dataset."""
+    """train.py and its arguments for a tiny model on the shakespeare_data fixture's dataset."""
     return ["train.py", "--dataset=shakespeare_char", f"--data_root={data_root}", f"--out_dir={out_dir}",
             *TINY_MODEL, *TINY_RUN, *extra]
 
 
+# ----------------------------------------------------------------------------- running scripts
+
 def _command(args, env):
-    """`python REPO/<args[0]> args[1:]` and its environment: one CPU thread unless OMP_NUM_THREADS says
-    otherwise (matmul results then do not depend on how many cores are free), unbuffered output."""
-    cmd = [sys.executable, str(REPO / args[0]), *map(str, args[1:])]
-    return cmd, {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """The command line for args[0] (a top-level script, or tools.NAME run as a module from the repository)
+    and its environment: one CPU thread unless OMP_NUM_THREADS says otherwise (matmul results then do not
+    depend on how many cores are free), unbuffered output."""
+    script, rest = str(args[0]), list(map(str, args[1:]))
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if script.startswith("tools."):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return [sys.executable, "-m", script, *rest], env
+    return [sys.executable, str(REPO / script), *rest], env
 
 
 def run(args, cwd, env=None, check=True, timeout=300):
-    """Run `python REPO/<args[0]> args[1:]` in cwd and return the CompletedProcess (text stdout/stderr).
-    env holds variables added to (or replacing) the current environment. With check, a non-zero exit fails
-    the test and shows both output streams."""
+    """Run a script (run(["train.py", ...]) or run(["tools.bench", ...])) in cwd, as a person would, and
+    return the CompletedProcess (text stdout/stderr). env holds variables added to the environment. With
+    check, a non-zero exit fails the test and shows both output streams."""
     cmd, full_env = _command(args, env)
     r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)
@@ -81,6 +98,75 @@ def read_lines_until(p, prefix):
     raise AssertionError(f"the script ended without printing {prefix!r}:\n" + "".join(lines))
 
 
+def run_script(args, cwd):
+    """Run a script (args as for run()) inside this process, its `if __name__ == "__main__"` block included,
+    the way `python script args` runs it in cwd: a CompletedProcess with its exit code and output. For the
+    many cases where a torch start per subprocess would cost more than the case itself. An exception other
+    than SystemExit propagates: it is the traceback a person would see. The working folder, sys.argv and the
+    signal handlers are put back afterwards."""
+    script, rest = str(args[0]), [str(a) for a in args[1:]]
+    path = REPO / (script.replace(".", "/") + ".py" if script.startswith("tools.") else script)
+    saved = os.getcwd(), sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [str(path), *rest]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if script.startswith("tools."):
+                with warnings.catch_warnings():  # a test may have imported the tool's module already: no matter
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    runpy.run_module(script, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        for s, h in saved[2].items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_main(main, argv, capsys):
+    """A tool's main(argv) in this process, as its command line runs it (run_cli): (exit code, stdout,
+    stderr). For tools whose imports (matplotlib, transformers) would make a subprocess slow."""
+    from nanomoe.cli import run_cli
+    code = 0
+    try:
+        run_cli(lambda: main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def torchrun(cwd, *args, nproc=2, script="train.py"):
+    """A script under torchrun (--standalone picks a free port for the rendezvous), one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # torchrun's default, without its banner
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=150,
+                          stdin=subprocess.DEVNULL)
+
+
+def kill_after_saves(args, cwd, n_saves):
+    """Start a script and SIGKILL it as soon as it reports its n-th saved checkpoint (it may be a step or a
+    save further on by then, possibly in the middle of writing the next one: that is part of the test)."""
+    p = start(args, cwd=cwd)
+    saves, output = 0, []
+    for line in p.stdout:
+        output.append(line)
+        saves += line.startswith("saved checkpoint")
+        if saves == n_saves:
+            p.kill()
+            break
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it was killed:\n" + "".join(output)
+
+
+# ----------------------------------------------------------------------------- checking what a run left
+
 def read_metrics(out_dir):
     """The records of out_dir/metrics.jsonl, in order."""
     with open(Path(out_dir) / "metrics.jsonl") as f:
@@ -91,19 +177,6 @@ def snapshot(*folders):
     """Every file (by content hash) and folder under the folders, to prove a failed run changed nothing."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for folder in map(Path, folders) for p in sorted(folder.rglob("*"))}
-
-
-def run_in_process(main, argv, capsys):
-    """A script's main(argv) in this process, as its command line runs it (run_cli): (exit code, stdout,
-    stderr). For scripts whose imports (matplotlib, transformers) would make a subprocess slow."""
-    from common import run_cli
-    code = 0
-    try:
-        run_cli(lambda: main([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_ok(r):
@@ -123,26 +196,38 @@ def assert_user_error(r, *words):
     return lines[0]
 
 
-def _corpus_text():
-    if CORPUS.is_file():
-        return CORPUS.read_text(encoding="utf-8")[:TINY_CHARS]
-    # without the shared copy of tiny-shakespeare: a deterministic stand-in with the same kind of text
-    rng = random.Random(0)
+def assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+# ----------------------------------------------------------------------------- data
+
+def generated_text(n_chars, seed=0):
+    """Deterministic play-like text (speaker lines of common words): something a tiny model learns quickly."""
+    rng = random.Random(seed)
     words = ["the", "king", "and", "queen", "of", "my", "lord", "abate", "cabbage", "to", "be", "or", "not",
-             "ROMEO:", "JULIET:", "what", "light", "through", "yonder", "window", "breaks"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))).capitalize() + "."
-             for _ in range(TINY_CHARS // 40)]
-    return "\n".join(lines)[:TINY_CHARS]
+             "what", "light", "through", "yonder", "window", "breaks", "thou", "art", "sweet", "sorrow"]
+    speakers = ["ROMEO:", "JULIET:", "KING HENRY:", "First Citizen:"]
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        lines.append(rng.choice(speakers))
+        lines += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))).capitalize() + rng.choice(".,;!?")
+                  for _ in range(rng.randint(1, 3))]
+        lines.append("")
+    return "\n".join(lines)[:n_chars]
 
 
 @pytest.fixture(scope="session")
 def shakespeare_data(tmp_path_factory):
-    """A data_root holding shakespeare_char/ (char tokenizer, first 100k characters of tiny-shakespeare),
-    made by prepare.py once per session. Pass it to the scripts as --data_root."""
+    """A data_root holding shakespeare_char/ (a char tokenizer over 100k characters of generated_text()), made
+    by prepare.py once per session. Pass it to the scripts as --data_root."""
+    import prepare
     root = tmp_path_factory.mktemp("data")
     text_file = root / "input.txt"
-    text_file.write_text(_corpus_text(), encoding="utf-8")
-    run(["prepare.py", "text", "--input", text_file, "--name", "shakespeare_char", "--tokenizer", "char",
-         "--data_root", root], cwd=root)
+    text_file.write_text(generated_text(100_000), encoding="utf-8")
+    prepare.main(["text", "--input", str(text_file), "--name", "shakespeare_char", "--tokenizer", "char",
+                  "--data_root", str(root)])
     assert (root / "shakespeare_char" / "train.bin").is_file()
     return root

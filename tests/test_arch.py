@@ -1,19 +1,18 @@
 """
-The attention variants, the KV cache and F-gram embeddings (model.py) on tiny configs: generation with the
-cache equals generation without it (MHA/GQA/MLA x learned/RoPE x dense/MoE, across block_size), MLA
-against the paper's equations written out, causality, cache bytes per token, the F-gram hash, its
-zero-initialised tables, and train -> resume bit-exact with MLA and F-gram.
+The attention variants, the generation cache and F-gram embeddings (nanomoe/layers/) on tiny configs:
+generation with the cache equals generation without it (MHA/GQA/MLA x learned/RoPE x dense/MoE, across
+block_size), MLA against the paper's equations written out, cache bytes per token, the F-gram hash and its
+zero-initialised tables. (Causality: test_model.py; resume bit-exact with MLA and F-gram: test_reliability.py.)
 """
 import math
 
 import pytest
 import torch
 
-import checkpoint
-from conftest import train_args
-from model import GPT, GPTConfig, KVCache, cache_values_per_token, ngram_hash
+from model import GPT, GPTConfig
 from moe_model import MoEConfig, MoEGPT
-from test_reliability import run_in_process
+from nanomoe.layers.cache import GenerationCache, cache_values_per_token
+from nanomoe.layers.fgram import ngram_hash
 
 TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 MLA = dict(attn="mla", kv_latent_dim=12, d_rope=4)
@@ -46,7 +45,7 @@ def test_generation_with_cache_equals_without(attn, pos_emb, moe):
     assert torch.equal(cached, plain)
 
     seq = cached[:, :16]
-    cache = KVCache(model.config.n_layer)
+    cache = GenerationCache(model.config.n_layer)
     steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
     assert torch.allclose(torch.cat(steps, dim=1), all_logits(model, seq)[:, 4:], atol=1e-5)
     assert cache.nbytes() == 2 * 16 * cache_values_per_token(model.config) * 4  # float32
@@ -56,30 +55,13 @@ def test_cache_handles_several_new_positions_at_once():
     """A chunk of new positions after the cached ones (S > T > 1) uses the bottom-right causal mask."""
     model = tiny(**MLA, pos_emb="rope")
     seq = torch.randint(0, 32, (1, 12))
-    cache = KVCache(model.config.n_layer)
+    cache = GenerationCache(model.config.n_layer)
     model(seq[:, :4], cache=cache)
     chunk = seq[:, 4:9]
     logits, _, _ = model(chunk, chunk, cache=cache)  # with targets: logits at each of the 5 new positions
     assert torch.allclose(logits, all_logits(model, seq[:, :9])[:, 4:], atol=1e-5)
     last, _, _ = model(seq[:, 9:10], cache=cache)
     assert torch.allclose(last[:, -1], all_logits(model, seq[:, :10])[:, -1], atol=1e-5)
-
-
-@pytest.mark.parametrize("variant", ["mla_learned", "mla_q_rope", "fgram"])
-def test_causal(variant):
-    overrides = {"mla_learned": MLA, "mla_q_rope": dict(ATTN["mla_q"], pos_emb="rope"),
-                 "fgram": dict(fgram_max_n=4, fgram_buckets=64)}[variant]
-    model = tiny(**overrides)
-    if variant == "fgram":  # trained tables: zero ones would hide a leak from the future
-        for table in model.transformer.fgram.tables:
-            torch.nn.init.normal_(table)
-    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
-    changed = idx.clone()
-    t = 7
-    changed[:, t] = (idx[:, t] + 1) % 32
-    before, after = all_logits(model, idx), all_logits(model, changed)
-    assert torch.allclose(before[:, :t], after[:, :t], atol=1e-6)
-    assert not torch.allclose(before[:, t:], after[:, t:])
 
 
 def rms(x, weight, eps=1e-5):
@@ -174,31 +156,3 @@ def test_zero_initialised_fgram_leaves_the_initial_model_unchanged(moe):
     loss = with_fgram(x, x)[1]
     loss.backward()
     assert with_fgram.transformer.fgram.tables[0].grad.abs().sum() > 0  # the scales let the tables learn
-
-
-def test_train_then_resume_is_bit_exact_with_mla_and_fgram(shakespeare_data, tmp_path, monkeypatch, capfd):
-    """train.py and sample.py as a user runs them (in this process: three torch starts would cost 20 s)."""
-    args = ["--attn=mla", "--kv_latent_dim=16", "--d_rope=8", "--q_latent_dim=16", "--fgram_max_n=3",
-            "--fgram_buckets=256", "--eval_interval=3", "--lr_decay_iters=6", "--warmup_iters=1",
-            "--dropout=0.1", "--batch_size=4"]
-
-    def run_ok(script, *script_args):
-        r = run_in_process(script, [str(a) for a in script_args], tmp_path, monkeypatch, capfd)
-        assert r.returncode in (0, None), r.stdout + r.stderr
-        return r
-
-    run_ok(*train_args(shakespeare_data, tmp_path / "straight", "--max_iters=6", *args))
-    stopped = train_args(shakespeare_data, tmp_path / "stopped", *args)
-    run_ok(*stopped, "--max_iters=3")
-    run_ok(*stopped, "--max_iters=6", "--init_from=resume")
-    a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoint.load_checkpoint(tmp_path / "stopped" / "ckpt.pt")
-    assert a["iter_num"] == b["iter_num"] == 6
-    assert a["model_args"]["attn"] == "mla" and a["model_args"]["fgram_max_n"] == 3
-    table = a["model"]["transformer.fgram.tables.0"]
-    assert "transformer.fgram.tables.1" in a["model"] and table.abs().sum() > 0  # trained, saved
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    r = run_ok("sample.py", f"--out_dir={tmp_path / 'stopped'}", "--device=cpu", "--num_samples=1",
-               "--max_new_tokens=40")  # past block_size=32, with the cache
-    assert r.stdout.count("---------------") == 1

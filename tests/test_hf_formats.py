@@ -1,5 +1,6 @@
 """
-Llama, Mixtral and Qwen2-MoE formats in and out (hf_interop.py, hf_llama.py, export.py, init_from='hf:DIR'):
+Llama, Mixtral and Qwen2-MoE formats in and out (nanomoe/hf/formats.py and llama.py, tools.export,
+init_from='hf:DIR'):
 our model -> Hugging Face folder -> transformers gives our logits and routing; a random transformers model
 (built from a config, never downloaded) -> ours gives its logits and its greedy tokens; every model without an
 exact equivalent is refused with one line and nothing written.
@@ -12,15 +13,23 @@ from dataclasses import asdict
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
-                                                          "(pip install transformers)")
+from conftest import run_main
+from model import GPT, GPTConfig
+from moe_model import MoE, MoEConfig
+from nanomoe.errors import UserError
+from nanomoe.factory import build_model
+from nanomoe.hf import llama as hf_llama
+from nanomoe.hf.formats import export_checkpoint, load_hf, model_for_training, pick_format
 
-from common import UserError  # noqa: E402
-from conftest import run_in_process  # noqa: E402
-import hf_llama  # noqa: E402
-from hf_interop import export_checkpoint, load_hf, model_for_training, pick_format  # noqa: E402
-from model import GPT, GPTConfig, build_model  # noqa: E402
-from moe_model import MoE, MoEConfig  # noqa: E402
+transformers = None  # imported by the fixture below when a test of this file runs (it takes seconds)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _transformers():
+    global transformers
+    transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
+                                                              "(pip install transformers)")
+
 
 pytestmark = pytest.mark.slow  # Llama/Mixtral/Qwen2-MoE interop: `pytest -m "not slow"` skips it
 
@@ -172,7 +181,7 @@ def random_hf(family, folder):
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
             if name.endswith("shared_expert_gate.weight"):
-                p.zero_()  # our shared experts have no gate: a zero gate is a constant 0.5 (see hf_llama.py)
+                p.zero_()  # our shared experts have no gate: a zero gate is a constant 0.5 (see nanomoe/hf/llama.py)
             elif name.endswith("self_attn.q_proj.bias") or name.endswith(("k_proj.bias", "v_proj.bias")):
                 p.zero_()  # Qwen2-MoE's qkv_bias: exact only at zero (our bias=False has none)
             elif name.endswith("mlp.gate.weight"):
@@ -309,13 +318,14 @@ def test_export_shards_and_force_leaves_no_stale_files(tmp_path):
 
 
 def export_cli(argv, capsys):
-    """export.py's command line in this process (transformers is slow to import): (exit code, stdout, stderr)."""
-    import export
-    return run_in_process(export.main, argv, capsys)
+    """tools.export's command line in this process (transformers is slow to import): (exit code, stdout,
+    stderr)."""
+    from tools import export
+    return run_main(export.main, argv, capsys)
 
 
 def test_export_cli(tmp_path, capsys):
-    """export.py: a Qwen2-MoE from a checkpoint file; a refusal is one line, and nothing is written."""
+    """tools.export: a Qwen2-MoE from a checkpoint file; a refusal is one line, and nothing is written."""
     model = our_model(FAMILIES["qwen2_moe-top2"])
     torch.save(checkpoint(model), tmp_path / "ckpt.pt")
     code, out, err = export_cli([f"--out_dir={tmp_path}"], capsys)
@@ -336,11 +346,21 @@ def test_export_cli(tmp_path, capsys):
 
 
 def test_export_on_a_full_disk_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
-    import hf_interop
+    from nanomoe.hf import formats
 
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(hf_interop, "write_tokenizer", full_disk)  # after the weights: a half-written export
+    monkeypatch.setattr(formats, "write_tokenizer", full_disk)  # after the weights: a half-written export
     with pytest.raises(UserError, match="disk is full"):
         export_checkpoint(checkpoint(our_model(FAMILIES["llama"])), tmp_path / "hf")
     assert os.listdir(tmp_path) == []  # neither the export folder nor its temporary folder
+
+
+def test_hugging_face_weights_cannot_start_a_hybrid(tmp_path):
+    """init_from='hf:...' (or 'gpt2') with mamba_layers: the weights have attention in every layer."""
+    from train import KEYS
+    random_hf("llama", tmp_path / "llama")
+    cfg = {**{k: key.default for k, key in KEYS.items()}, "init_from": f"hf:{tmp_path / 'llama'}",
+           "block_size": 32, "mamba_layers": [0], "mamba2_num_heads": 4, "mamba2_head_dim": 16}
+    with pytest.raises(UserError, match=r"another model shape \(mamba_layers: config \[0\] vs checkpoint \[\]\)"):
+        model_for_training(cfg, explicit={"mamba_layers"})

@@ -1,23 +1,30 @@
 """
-Hugging Face GPT-2 interop (hf_gpt2.py, hf_interop.py, export.py, train.py --init_from=hf:DIR) and sparse upcycling.
-Offline: the "pretrained" GPT-2 is a tiny random transformers model saved to a temp folder.
+Hugging Face GPT-2 interop (nanomoe/hf/gpt2.py and formats.py, tools.export, train.py --init_from=hf:DIR) and
+sparse upcycling. Offline: the "pretrained" GPT-2 is a tiny random transformers model saved to a temp folder.
 """
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="GPT-2 interop needs transformers (pip install transformers)")
+from conftest import TINY_MODEL, TINY_RUN, assert_ok, assert_user_error, run_script
+from model import GPT, GPTConfig
+from moe_model import MoEConfig, MoEGPT
+from nanomoe.checkpoint import load_checkpoint, model_from_checkpoint
+from nanomoe.errors import UserError
+from nanomoe.hf.formats import model_for_training
+from nanomoe.hf.gpt2 import export_hf, load_gpt2
 
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from common import UserError  # noqa: E402
-from conftest import TINY_MODEL, TINY_RUN, assert_user_error, run  # noqa: E402
-from hf_gpt2 import export_hf, load_gpt2  # noqa: E402
-from hf_interop import model_for_training  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from moe_model import MoEConfig, MoEGPT  # noqa: E402
+transformers = None  # imported by the fixture below when a test of this file runs (it takes seconds)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _transformers():
+    global transformers
+    transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
+                                                              "(pip install transformers)")
+
 
 pytestmark = pytest.mark.slow  # Hugging Face GPT-2 interop: `pytest -m 'not slow'` skips it for a quick loop
 
@@ -36,7 +43,7 @@ def our_logits(model, idx):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, _transformers):
     """A random GPT-2 in Hugging Face format, as save_pretrained writes it (GPT-2's own gelu_new MLP)."""
     folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
     torch.manual_seed(0)
@@ -136,14 +143,7 @@ def test_model_for_training_takes_shape_from_checkpoint(hf_dir):
         model_for_training({**cfg, "block_size": 128})
 
 
-# ---- the command lines
-
-def run_side_by_side(*commands, cwd):
-    """conftest.run for several commands at once (most of their time is importing torch and transformers);
-    [CompletedProcess] in order. Each command is (args, check)."""
-    with ThreadPoolExecutor(len(commands)) as pool:
-        return list(pool.map(lambda c: run(c[0], cwd=cwd, check=c[1]), commands))
-
+# ---- the command lines (in this process: most of a subprocess's time would be importing torch and transformers)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shakespeare_data, hf_dir):
@@ -154,7 +154,8 @@ def runs(tmp_path_factory, shakespeare_data, hf_dir):
     from_hf = [f"--init_from=hf:{hf_dir}", "--max_iters=2", "--eval_interval=2"]
     extra = {"scratch": ["--max_iters=3", "--eval_interval=3"], "dense": from_hf,
              "moe": [*from_hf, "--n_experts=4", "--moe_top_k=2"]}
-    run_side_by_side(*[([*common, f"--out_dir={work / name}", *args], True) for name, args in extra.items()], cwd=work)
+    for name, args in extra.items():
+        assert_ok(run_script([*common, f"--out_dir={work / name}", *args], cwd=work))
     return {name: work / name for name in extra}
 
 
@@ -178,8 +179,9 @@ def test_train_from_hf_upcycled_first_step_loss_equals_dense(runs):
 
 def test_export_cli_writes_what_transformers_loads(tmp_path, runs):
     out = runs["scratch"]
-    ok, moe = run_side_by_side((["export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"], True),
-                               (["export.py", f"--out_dir={runs['moe']}"], False), cwd=tmp_path)
+    ok = run_script(["tools.export", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"], cwd=tmp_path)
+    assert_ok(ok)
+    moe = run_script(["tools.export", f"--out_dir={runs['moe']}"], cwd=tmp_path)
     assert "GPT2LMHeadModel.from_pretrained" in ok.stdout
     model = model_from_checkpoint(load_checkpoint(str(out / "ckpt.pt")))
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))

@@ -1,26 +1,22 @@
 """
-Mamba2 layers (mamba2.py) and hybrid models: the chunked SSD scan against the recurrence written as a loop
-over time, generation with the recurrent state against the full forward pass, causality, finite-difference
-gradients, bf16 autocast and torch.compile, and a tiny hybrid MoE trained, killed, resumed and sampled from
-the command line.
+Mamba2 layers (nanomoe/layers/mamba2.py) and hybrid models: the chunked SSD scan against the recurrence
+written as a loop over time, generation with the recurrent state against the full forward pass,
+finite-difference gradients, bf16 autocast and torch.compile. (Causality: test_model.py; a hybrid MoE killed
+and resumed bit-exactly: test_reliability.py.)
 """
 import pytest
 import torch
 
-import checkpoint
-from common import UserError
-from conftest import assert_user_error, run, start, train_args
-from mamba2 import Mamba2, ssd_chunked
-from model import GPT, GPTConfig, KVCache, cache_values_per_token
+from conftest import assert_same_tensors
+from model import GPT, GPTConfig
 from moe_model import MoEConfig, MoEGPT
-from test_reliability import assert_same_tensors, kill_after_saves, run_in_process
+from nanomoe.layers.cache import GenerationCache, cache_values_per_token
+from nanomoe.layers.mamba2 import Mamba2, ssd_chunked
 
 # 3 layers, the first and last Mamba2: 4 heads of 16 = 32 * 2, state 8, chunk 4 (block 16 = 4 chunks)
 MAMBA = dict(mamba_layers=[0, 2], mamba2_num_heads=4, mamba2_head_dim=16, mamba2_state_size=8,
              mamba2_chunk_size=4, mamba2_n_groups=2, mamba2_conv_kernel=3, mamba2_expand=2)
 TINY = dict(block_size=16, vocab_size=32, n_layer=3, n_head=4, n_embd=32, dropout=0.0, **MAMBA)
-MAMBA_FLAGS = ["--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=16", "--mamba2_state_size=8",
-               "--mamba2_chunk_size=8", "--mamba2_expand=2"]
 
 
 def tiny(seed=0, moe=False, **overrides):
@@ -102,7 +98,7 @@ def test_recurrent_generation_equals_the_full_forward(attn, moe):
     extra = dict(attn="mla", kv_latent_dim=12, d_rope=4, pos_emb="rope") if attn == "mla" else {}
     model = tiny(moe=moe, **extra)
     seq = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model.config.n_layer)
+    cache = GenerationCache(model.config.n_layer)
     steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), all_logits(model, seq)[:, 4:], rtol=0, atol=1e-5)
     # the cache holds keys/values per token for the attention layer, a fixed-size state for the Mamba layers
@@ -110,7 +106,7 @@ def test_recurrent_generation_equals_the_full_forward(attn, moe):
     assert conv.shape == (2, 32 * 2 + 2 * 2 * 8, 2) and ssm.shape == (2, 4, 16, 8) and ssm.dtype == torch.float32
     assert cache.nbytes() == 2 * 16 * cache_values_per_token(model.config) * 4 + 2 * (conv.numel() + ssm.numel()) * 4
 
-    greedy, idx, cache = [], seq[:, :3], KVCache(model.config.n_layer)
+    greedy, idx, cache = [], seq[:, :3], GenerationCache(model.config.n_layer)
     logits = model(idx, cache=cache)[0]
     for _ in range(10):
         greedy.append(logits[:, -1].argmax(-1, keepdim=True))
@@ -131,28 +127,17 @@ def test_several_new_positions_after_a_cache():
     """A chunk of new positions after cached ones (prefill in two parts) continues the conv and the state."""
     model = tiny()
     seq = torch.randint(0, 32, (1, 14), generator=torch.Generator().manual_seed(2))
-    cache = KVCache(model.config.n_layer)
+    cache = GenerationCache(model.config.n_layer)
     model(seq[:, :6], cache=cache)
     part = seq[:, 6:13]
     logits, _, _ = model(part, part, cache=cache)  # with targets: logits at each of the 7 new positions
     torch.testing.assert_close(logits, all_logits(model, seq[:, :13])[:, 6:], rtol=0, atol=1e-5)
 
 
-def test_causal():
-    model = tiny(moe=True)
-    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
-    changed = idx.clone()
-    t = 9
-    changed[:, t] = (idx[:, t] + 1) % 32
-    before, after = all_logits(model, idx), all_logits(model, changed)
-    assert torch.equal(before[:, :t], after[:, :t])
-    assert not torch.allclose(before[:, t:], after[:, t:])
-
-
 def test_bf16_autocast_keeps_the_scan_in_float32():
     model = tiny()
     idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model.config.n_layer)
+    cache = GenerationCache(model.config.n_layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss_bf16, _ = model(idx, idx)
         model(idx[:, :8], cache=cache)
@@ -161,6 +146,7 @@ def test_bf16_autocast_keeps_the_scan_in_float32():
     assert abs(loss_bf16.item() - model(idx, idx)[1].item()) < 0.05
 
 
+@pytest.mark.slow  # torch.compile's first trace takes seconds
 def test_compiled_layer_equals_eager_output_and_gradients():
     torch.manual_seed(0)
     layer = Mamba2(GPTConfig(**TINY))
@@ -184,56 +170,3 @@ def test_without_mamba_layers_the_model_is_unchanged():
     hybrid = tiny()
     assert [hasattr(b, "mamba") for b in hybrid.transformer.h] == [True, False, True]
     assert not hasattr(hybrid.transformer.h[0], "attn")
-
-
-@pytest.mark.slow
-def test_hybrid_moe_trains_is_killed_resumes_bit_exact_and_samples(shakespeare_data, tmp_path):
-    """Mamba + MLA + MoE from the command line: a run killed by SIGKILL after its third checkpoint and resumed
-    ends with the parameters of the same run left alone; sample.py generates from it past block_size, with the
-    recurrent cache and without; export.py refuses it in one line."""
-    args = ["--max_iters=6", "--eval_interval=3", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
-            "--attn=mla", "--kv_latent_dim=16", "--d_rope=8", "--pos_emb=rope", "--dropout=0.1",
-            "--batch_size=4", "--block_size=20", *MAMBA_FLAGS]
-    straight = tmp_path / "straight"
-    alone = start(train_args(shakespeare_data, straight, *args), cwd=tmp_path)  # runs alongside
-    killed = train_args(shakespeare_data, tmp_path / "killed", *args)[1:]
-    kill_after_saves(killed, tmp_path, n_saves=3)
-    kill_point = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["iter_num"]
-    assert 0 < kill_point < 6
-    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
-    assert alone.wait(timeout=120) == 0, alone.stdout.read()
-    a = checkpoint.load_checkpoint(straight / "ckpt.pt")
-    b = checkpoint.load_checkpoint(tmp_path / "killed" / "ckpt.pt")
-    assert a["iter_num"] == b["iter_num"] == 6 and a["model_args"]["mamba_layers"] == [0]
-    assert_same_tensors(a["model"], b["model"], f"hybrid after a kill at {kill_point}")
-    assert "transformer.h.0.mamba.A_log" in a["model"] and "transformer.h.1.attn.kv_a_proj.weight" in a["model"]
-
-    for kv_cache in (True, False):
-        r = run(["sample.py", f"--out_dir={straight}", "--device=cpu", "--num_samples=1", "--max_new_tokens=30",
-                 f"--kv_cache={kv_cache}", "--start=ROMEO:"], cwd=tmp_path)
-        assert r.stdout.count("---------------") == 1 and r.stdout.startswith("ROMEO:")
-    r = run(["export.py", f"--out_dir={straight}"], cwd=tmp_path, check=False)
-    assert_user_error(r, "Mamba layers")
-    assert not (straight / "hf").exists()
-
-
-def test_bench_times_a_hybrid(tmp_path, monkeypatch, capfd):
-    r = run_in_process("bench.py", ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
-             "--block_size=16", "--batch_size=2", "--vocab_size=64", "--bench_variants=dense", "--bench_warmup=1",
-             "--bench_steps=2", "--bench_checkpoint=False", *MAMBA_FLAGS], tmp_path, monkeypatch, capfd)
-    assert r.returncode in (0, None), r.stderr
-    assert "Mamba2 layers [0]" in r.stdout and " ms/step" in r.stdout
-
-
-@pytest.mark.slow
-def test_hugging_face_weights_cannot_start_a_hybrid(tmp_path):
-    """init_from='hf:...' (or 'gpt2') with mamba_layers: the weights have attention in every layer."""
-    pytest.importorskip("transformers")
-    from hf_interop import model_for_training
-    from test_hf_formats import random_hf
-    from train import KEYS
-    random_hf("llama", tmp_path / "llama")
-    cfg = {**{k: key.default for k, key in KEYS.items()}, "init_from": f"hf:{tmp_path / 'llama'}",
-           "block_size": 32, **MAMBA, "mamba_layers": [0]}
-    with pytest.raises(UserError, match=r"another model shape \(mamba_layers: config \[0\] vs checkpoint \[\]\)"):
-        model_for_training(cfg, explicit={"mamba_layers"})

@@ -1,8 +1,9 @@
 """
-prepare.py and tokenizer.py, used the way a person would: `python prepare.py ...` in a scratch folder, then
-assertions on the files it leaves, its exit code and its one-line errors. The CLI contract (exit 2, one
-'error:' line, old files untouched) runs as a real subprocess; the success paths call main() in-process to
-stay fast. Offline: downloads go to a local HTTP server, GPT-2 BPE comes from the shared tiktoken cache.
+prepare.py and nanomoe/tokenizer.py, used the way a person would: `python prepare.py ...` in a scratch folder,
+then assertions on the files it leaves, its exit code and its one-line errors. The CLI contract (exit 2, one
+'error:' line, old files untouched) runs as a real subprocess once; the rest call main() in this process to
+stay fast. Offline: downloads go to a local HTTP server, GPT-2 BPE comes from TIKTOKEN_CACHE_DIR (skipped
+without it).
 """
 import errno
 import hashlib
@@ -14,20 +15,15 @@ import threading
 import numpy as np
 import pytest
 
-from common import UserError
-from conftest import CORPUS, REPO, assert_user_error, run
-from tokenizer import Tokenizer, load_meta, prepare_command, token_dtype, write_meta
-
-TIKTOKEN_CACHE = REPO.parent / "shared" / "data" / "tiktoken_cache"
-needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny-shakespeare not at {CORPUS}")
-needs_gpt2 = pytest.mark.skipif(not TIKTOKEN_CACHE.is_dir(), reason=f"no tiktoken cache at {TIKTOKEN_CACHE}")
+from conftest import assert_user_error, generated_text, needs_gpt2, run, run_script
+from nanomoe.errors import UserError
+from nanomoe.tokenizer import Tokenizer, load_meta, prepare_command, token_dtype, write_meta
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    """Every prepare.py run here, in-process or a subprocess (conftest.run passes os.environ on), loads GPT-2
-    BPE from the shared cache and reaches the local test server without a proxy: never the network."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    """Every prepare.py run here, in-process or a subprocess (conftest.run passes os.environ on), reaches the
+    local test server without a proxy: never the network."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
 
@@ -35,8 +31,7 @@ def offline(monkeypatch):
 @pytest.fixture
 def prepare_here(tmp_path, monkeypatch, capsys):
     """prepare.py's main() run in this process from tmp_path, for the success paths that check files and
-    numbers: ~2 s faster a run than a subprocess, which imports torch through common.py. Download backoff
-    sleeps are recorded instead of slept."""
+    numbers, seconds faster a run than a subprocess. Download backoff sleeps are recorded instead of slept."""
     import prepare as prep
     monkeypatch.chdir(tmp_path)
     sleeps = []
@@ -96,14 +91,16 @@ def server():
 # -----------------------------------------------------------------------------
 # shakespeare_char / shakespeare
 
-@needs_corpus
 def test_shakespeare_char_from_input(tmp_path):
-    r = run(["prepare.py", "shakespeare_char", "--input", CORPUS], tmp_path)
-    assert "vocab 65" in r.stdout
+    text = generated_text(200_000)
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    r = run(["prepare.py", "shakespeare_char", "--input", "input.txt"], tmp_path)  # a real process, as typed
+    vocab = len(set(text))
+    assert f"vocab {vocab}" in r.stdout
     meta, train, val = read_dataset(tmp_path / "data" / "shakespeare_char")
-    assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
-    assert train.dtype == np.uint16 and len(train) + len(val) == 1_115_394
-    text = CORPUS.read_text(encoding="utf-8")
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == vocab and meta["dtype"] == "uint16"
+    assert meta["chars"] == "".join(sorted(set(text)))  # ids in code point order, like nanoGPT
+    assert train.dtype == np.uint16 and len(train) + len(val) == 200_000
     n = int(len(text) * 0.9)  # nanoGPT's cut: the first 90% of the characters is train
     assert len(train) == n
     tok = Tokenizer.from_meta(meta)
@@ -114,13 +111,13 @@ def test_shakespeare_char_from_input(tmp_path):
 
 
 @needs_gpt2
-@needs_corpus
 def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here, monkeypatch):
     import prepare as prep
-    monkeypatch.setattr(prep, "PIECE_CHARS", 10_000)  # the one file is tokenized in ~110 pieces
+    monkeypatch.setattr(prep, "PIECE_CHARS", 10_000)  # the one file is tokenized in ~30 pieces
     # data/shakespeare_char/input.txt already there: shakespeare must use it, not download (the URL is dead)
     (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
-    (tmp_path / "data" / "shakespeare_char" / "input.txt").write_bytes(CORPUS.read_bytes())
+    text = generated_text(300_000)
+    (tmp_path / "data" / "shakespeare_char" / "input.txt").write_text(text, encoding="utf-8")
     out = prepare_here("shakespeare", "--url", "http://127.0.0.1:9/input.txt", "--retries", 0, "--progress")
     assert "using data/shakespeare_char/input.txt" in out.out
     assert "tokenizing: 100%" in out.err
@@ -128,7 +125,6 @@ def test_shakespeare_gpt2_reuses_char_input(tmp_path, prepare_here, monkeypatch)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert "chars" not in meta
     tok = Tokenizer.from_meta(meta)
-    text = CORPUS.read_text(encoding="utf-8")
     assert np.concatenate([train, val]).tolist() == tok.encode(text)  # the pieces' ids are the whole text's
     assert tok.decode(np.concatenate([train, val])) == text
     assert len(train) == int((len(train) + len(val)) * 0.9)
@@ -149,7 +145,7 @@ def test_download(tmp_path, server, prepare_here):
 
 def test_download_http_error(tmp_path, server):
     url, _ = server
-    r = run(["prepare.py", "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0], tmp_path, check=False)
+    r = run_script(["prepare.py", "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0], tmp_path)
     assert_user_error(r, "could not download", "404", "--input")
     assert files_under(tmp_path / "data") == []
 
@@ -162,7 +158,7 @@ def test_download_truncated_keeps_old_files(tmp_path, server):
     for name in ("train.bin", "val.bin", "meta.json"):  # a previous run's output, without its input.txt
         (out / name).write_bytes(os.urandom(64))
     before = digest(out)
-    r = run(["prepare.py", "shakespeare_char", "--url", url + "/input.txt", "--retries", 0], tmp_path, check=False)
+    r = run_script(["prepare.py", "shakespeare_char", "--url", url + "/input.txt", "--retries", 0], tmp_path)
     assert_user_error(r, "truncated")
     assert digest(out) == before  # same files, same bytes: no input.txt, no temp file, nothing rewritten
 
@@ -249,7 +245,7 @@ def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     out = tmp_path / "data" / "notes"
     before = digest(out)
     assert set(before) == {"meta.json", "train.bin", "val.bin"}
-    r = run(["prepare.py", "text", "--input", "nowhere/notes.txt", "--name", "notes"], tmp_path, check=False)
+    r = run_script(["prepare.py", "text", "--input", "nowhere/notes.txt", "--name", "notes"], tmp_path)
     assert_user_error(r, "nowhere/notes.txt")
     assert digest(out) == before
     # the same text again changes nothing and needs no --force
@@ -257,7 +253,7 @@ def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     assert digest(out) == before
     # another text is refused without --force, the old dataset untouched
     (tmp_path / "notes.txt").write_text("a different text entirely\n" * 5)
-    r = run(["prepare.py", "text", "--input", "notes.txt"], tmp_path, check=False)
+    r = run_script(["prepare.py", "text", "--input", "notes.txt"], tmp_path)
     assert_user_error(r, "already holds a different dataset", "--force")
     assert digest(out) == before
     # the disk fills up while the new files are written: the old ones stay, no temp file is left behind

@@ -1,135 +1,104 @@
 """
 Reliability and security: what a run does when it is killed, stopped, fed bad input or handed a hostile file.
 
-The scripts run the way a person runs them (subprocesses on a tiny char dataset in a scratch folder); the
-tests check exit codes, the one-line errors, the files left on disk and the trained parameters bit for bit.
-Every subprocess runs with one thread (OMP_NUM_THREADS=1): matmul results then do not depend on how many
-cores are free, and the two cores of a small machine can run two tests' processes side by side.
+The scripts run the way a person runs them, on a tiny char dataset in a scratch folder: as subprocesses where
+a signal or a kill is the point, in this process (conftest.run_script) where a torch start per case would
+cost more than the case. The tests check exit codes, the one-line errors, the files left on disk and the
+trained parameters bit for bit.
 """
 import errno
 import io
 import json
 import os
-import runpy
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-import checkpoint
-import common
 import conftest
-import metrics
 import model as model_module
 import train
-from common import UserError
-from conftest import REPO, assert_user_error, read_lines_until, read_metrics, run, snapshot, start
+from conftest import (assert_ok, assert_same_tensors, assert_user_error, kill_after_saves, read_lines_until,
+                      read_metrics, run, run_script, snapshot, start)
 from model import GPT, GPTConfig
+from nanomoe import checkpoint, metrics
+from nanomoe.cli import run_cli
+from nanomoe.errors import UserError
 
-
-# ----------------------------------------------------------------------------- helpers
 
 def train_args(shakespeare_data, out_dir, *extra):
-    return conftest.train_args(shakespeare_data, out_dir, "--batch_size=4", *extra)[1:]  # without the script name
-
-
-def kill_after_saves(args, cwd, n_saves):
-    """Start train.py and SIGKILL it as soon as it reports its n-th saved checkpoint (it may be a step or a
-    save further on by then, possibly in the middle of writing the next one: that is part of the test)."""
-    p = start(["train.py", *args], cwd=cwd)
-    saves, output = 0, []
-    for line in p.stdout:
-        output.append(line)
-        saves += line.startswith("saved checkpoint")
-        if saves == n_saves:
-            p.kill()
-            break
-    p.communicate()
-    assert p.returncode == -signal.SIGKILL, "the run ended before it was killed:\n" + "".join(output)
-
-
-def assert_same_tensors(a, b, what):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+    return conftest.train_args(shakespeare_data, out_dir, "--batch_size=4", *extra)
 
 
 def assert_finite(ckpt):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-# ----------------------------------------------------------------------------- shared fixtures
-
 @pytest.fixture(scope="module")
 def trained(shakespeare_data, tmp_path_factory):
     """The out_dir of a finished 4-iteration run: ckpt.pt, best.pt, metrics.jsonl."""
     out = tmp_path_factory.mktemp("rel-trained") / "out"
-    run(["train.py", *train_args(shakespeare_data, out, "--max_iters=4", "--eval_interval=2")], cwd=out.parent)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--max_iters=4", "--eval_interval=2"), cwd=out.parent))
     return out
 
 
 # ----------------------------------------------------------------------------- kill -9 and resume
 
-@pytest.mark.slow
-def test_sigkill_at_two_points_then_resume_is_bit_exact_dense(shakespeare_data, tmp_path):
-    """A dense run with dropout and 2 micro-steps per iteration, killed twice (once around the first
-    checkpoints, once after an eval) and resumed each time, ends with exactly the parameters and optimizer
-    state of the same run left alone. dropout > 0 makes the test fail if any random state is not restored."""
-    args = ["--max_iters=12", "--eval_interval=4", "--save_interval=1", "--dropout=0.1", "--learning_rate=1e-2",
-            "--warmup_iters=2", "--lr_decay_iters=12", "--gradient_accumulation_steps=2"]
-    straight = start(["train.py", *train_args(shakespeare_data, tmp_path / "straight", *args)], cwd=tmp_path)  # runs alongside
+# (settings, saves after which to kill each attempt, state that must have moved): runs whose every random
+# state, optimizer and buffer a resume must restore. dropout > 0 makes a test fail if any random state is not
+# restored; 2 micro-steps per step, router jitter, the aux-free bias (a buffer that moves every step), MLA and
+# F-gram, a Mamba2 layer
+MAMBA = ["--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=16", "--mamba2_state_size=8",
+         "--mamba2_chunk_size=8", "--mamba2_expand=2"]
+RESUMED_RUNS = {
+    "dense": (["--max_iters=12", "--eval_interval=4", "--dropout=0.1", "--learning_rate=1e-2", "--warmup_iters=2",
+               "--lr_decay_iters=12", "--gradient_accumulation_steps=2"], [3, 4], "lm_head.weight"),
+    "moe": (["--max_iters=8", "--eval_interval=4", "--n_experts=4", "--moe_top_k=2", "--dropout=0.1",
+             "--router_jitter=0.1", "--learning_rate=1e-2", "--router_score=sigmoid", "--balance_mode=aux_free",
+             "--bias_update_rate=0.01"], [3], "transformer.h.0.mlp.expert_bias"),
+    "mla-fgram": (["--max_iters=6", "--eval_interval=3", "--attn=mla", "--kv_latent_dim=16", "--d_rope=8",
+                   "--q_latent_dim=16", "--fgram_max_n=3", "--fgram_buckets=256", "--dropout=0.1"], [2],
+                  "transformer.fgram.tables.1"),
+    "hybrid-moe": (["--max_iters=6", "--eval_interval=3", "--n_experts=4", "--moe_top_k=2", "--attn=mla",
+                    "--kv_latent_dim=16", "--d_rope=8", "--pos_emb=rope", "--dropout=0.1", "--block_size=20",
+                    *MAMBA], [3], "transformer.h.0.mamba.A_log"),
+}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RESUMED_RUNS)
+def test_killed_and_resumed_run_ends_bit_identical_to_one_left_alone(shakespeare_data, tmp_path, name):
+    """A run saving every step, killed with SIGKILL after its n-th save (once or twice) and resumed each time,
+    ends with exactly the parameters and optimizer state of the same run left alone, and a log that holds
+    each iteration once, as if it had never stopped. The killed runs are processes of their own; the run left
+    alone and the last resume run in this process (the same computation, a torch start less each)."""
+    settings, kills, moved = RESUMED_RUNS[name]
+    args = [*settings, "--save_interval=1"]
+    assert_ok(run_script(train_args(shakespeare_data, tmp_path / "straight", *args), cwd=tmp_path))
     out = tmp_path / "killed"
     killed = train_args(shakespeare_data, out, *args)
-    kill_after_saves(killed, tmp_path, n_saves=3)
-    kill_points = [torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]]
-    kill_after_saves([*killed, "--init_from=resume"], tmp_path, n_saves=4)
-    kill_points.append(torch.load(out / "ckpt.pt", weights_only=True)["iter_num"])
-    assert 0 < kill_points[0] < kill_points[1] < 12, kill_points
+    kill_points = []
+    for i, n_saves in enumerate(kills):
+        kill_after_saves(killed + (["--init_from=resume"] if i else []), tmp_path, n_saves)
+        kill_points.append(torch.load(out / "ckpt.pt", weights_only=True)["iter_num"])
+    max_iters = int(settings[0].split("=")[1])
+    assert 0 < kill_points[0] and kill_points == sorted(set(kill_points)) and kill_points[-1] < max_iters
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"type": "train", "iter": 9, "lo')  # a record torn by the kill must not break the resume
-    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
+    assert_ok(run_script([*killed, "--init_from=resume"], cwd=tmp_path))
 
-    assert straight.wait(timeout=120) == 0, straight.stdout.read()
     a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     b = checkpoint.load_checkpoint(out / "ckpt.pt")
-    assert a["iter_num"] == b["iter_num"] == 12
+    assert a["iter_num"] == b["iter_num"] == max_iters
     assert_same_tensors(a["model"], b["model"], f"model after kills at {kill_points}")
     for i, state in a["optimizer"]["state"].items():
         assert_same_tensors(state, b["optimizer"]["state"][i], f"optimizer state {i}")
-    # the resumed run's log holds each iteration once, as if it had never stopped
-    assert [m["iter"] for m in read_metrics(out) if m["type"] == "train"] == list(range(12))
-    # best.pt is the checkpoint of the best eval
+    assert a["model"][moved].abs().sum() > 0  # the case's own state is there, and moved (and matched above)
+    assert [m["iter"] for m in read_metrics(out) if m["type"] == "train"] == list(range(max_iters))
     evals = [m for m in read_metrics(out) if m["type"] == "eval" and m["iter"] > 0]
-    best = checkpoint.load_checkpoint(out / "best.pt")
-    assert best["best_val_loss"] == min(m["val_loss"] for m in evals)
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bit_exact_moe(shakespeare_data, tmp_path):
-    """The same for an MoE model (4 experts, top-2) with router jitter and dropout, killed once; sigmoid scores
-    and aux-loss-free balancing, whose expert biases (buffers) move every step and must resume exactly."""
-    args = ["--max_iters=8", "--eval_interval=4", "--save_interval=1", "--n_experts=4", "--moe_top_k=2",
-            "--dropout=0.1", "--router_jitter=0.1", "--learning_rate=1e-2", "--warmup_iters=0",
-            "--router_score=sigmoid", "--balance_mode=aux_free", "--bias_update_rate=0.01"]
-    straight = start(["train.py", *train_args(shakespeare_data, tmp_path / "straight", *args)], cwd=tmp_path)
-    out = tmp_path / "killed"
-    killed = train_args(shakespeare_data, out, *args)
-    kill_after_saves(killed, tmp_path, n_saves=3)
-    kill_point = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert 0 < kill_point < 8
-    run(["train.py", *killed, "--init_from=resume"], cwd=tmp_path)
-
-    assert straight.wait(timeout=120) == 0, straight.stdout.read()
-    a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoint.load_checkpoint(out / "ckpt.pt")
-    assert a["model_args"]["n_experts"] == b["model_args"]["n_experts"] == 4
-    assert a["iter_num"] == b["iter_num"] == 8
-    assert_same_tensors(a["model"], b["model"], f"MoE model after a kill at {kill_point}")
-    assert a["model"]["transformer.h.0.mlp.expert_bias"].abs().sum() > 0  # the biases moved, and match above
+    assert checkpoint.load_checkpoint(out / "best.pt")["best_val_loss"] == min(m["val_loss"] for m in evals)
 
 
 # ----------------------------------------------------------------------------- crash while saving
@@ -178,18 +147,19 @@ def test_resume_removes_the_temporary_file_of_a_save_that_was_killed(trained, sh
     shutil.copytree(trained, out)
     stale = out / ".tmp-ckpt.pt1a2b3c"
     stale.write_bytes(b"half a checkpoint")
-    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=5", "--eval_interval=2")],
-        cwd=tmp_path)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=5", "--eval_interval=2"),
+                         cwd=tmp_path))
     assert not stale.exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 5
 
 
+@pytest.mark.slow  # two runs stopped by signals
 def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(shakespeare_data, tmp_path):
     # two runs side by side: one gets SIGINT, the other SIGINT and at once SIGTERM
     forever = ["--max_iters=100000", "--eval_interval=100000"]
     out = tmp_path / "out"
-    graceful = start(["train.py", *train_args(shakespeare_data, out, *forever)], cwd=tmp_path)
-    hurried = start(["train.py", *train_args(shakespeare_data, tmp_path / "hurried", *forever)], cwd=tmp_path)
+    graceful = start(train_args(shakespeare_data, out, *forever), cwd=tmp_path)
+    hurried = start(train_args(shakespeare_data, tmp_path / "hurried", *forever), cwd=tmp_path)
     read_lines_until(graceful, "iter 2/")
     graceful.send_signal(signal.SIGINT)
     read_lines_until(hurried, "iter 2/")
@@ -215,11 +185,11 @@ def test_sigint_saves_says_where_and_exits_0_and_a_second_signal_quits_at_once(s
 def train_in_process(args, monkeypatch, capsys):
     """train.main() in this process (so a test can patch what it calls), as `python train.py args` would
     run it: -> (exit code, stdout + stderr). The signal handlers it installs are put back afterwards."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.setattr(sys, "argv", [str(a) for a in args])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     code = 0
     try:
-        common.run_cli(train.main)
+        run_cli(train.main)
     except SystemExit as e:
         code = e.code
     finally:
@@ -275,16 +245,26 @@ def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(shakespeare_dat
     assert_finite(ckpt)
 
 
+def test_accumulation_not_divisible_by_the_world_size(shakespeare_data, tmp_path, monkeypatch):
+    """What each rank of a 2-process torchrun says (torchrun sets these variables): one line, before anything
+    is written or any process group is joined."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    r = run_script(train_args(shakespeare_data, tmp_path / "out", "--gradient_accumulation_steps=3"), cwd=tmp_path)
+    assert_user_error(r, "gradient_accumulation_steps=3 is not divisible by the world size 2 (use a multiple of 2)")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- one run per out_dir, faults
 
+@pytest.mark.slow  # a run stopped by a signal
 def test_a_second_run_on_a_busy_out_dir_is_refused_and_sighup_saves(shakespeare_data, tmp_path):
     """Two train.py on one out_dir: the second is refused with one line naming the first, and writes
     nothing; SIGHUP (a closed terminal) stops the first like SIGTERM, saving; then the out_dir is free."""
     out = tmp_path / "out"
-    first = start(["train.py", *train_args(shakespeare_data, out, "--max_iters=100000", "--eval_interval=100000")],
-                  cwd=tmp_path)
+    first = start(train_args(shakespeare_data, out, "--max_iters=100000", "--eval_interval=100000"), cwd=tmp_path)
     read_lines_until(first, "iter 1/")
-    second = run(["train.py", *train_args(shakespeare_data, out, "--eval_only=True")], cwd=tmp_path, check=False)
+    second = run_script(train_args(shakespeare_data, out, "--eval_only=True"), cwd=tmp_path)
     assert_user_error(second, "in use by another train.py", f"pid {first.pid}")
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"]  # the second run wrote nothing
     assert [r["type"] for r in read_metrics(out)].count("eval") == 1  # the first run's own iter-0 eval
@@ -292,14 +272,15 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_sighup_saves(shakespeare_
     rest, _ = first.communicate(timeout=60)
     assert first.returncode == 0 and "SIGHUP received" in rest and "saved checkpoint" in rest, rest
     stopped_at = checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"]
-    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", f"--max_iters={stopped_at + 1}")],
-        cwd=tmp_path)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--init_from=resume", f"--max_iters={stopped_at + 1}"),
+                         cwd=tmp_path))
 
 
+@pytest.mark.slow  # a subprocess whose reader goes away
 def test_a_closed_stdout_pipe_does_not_stop_the_run(shakespeare_data, tmp_path):
     """`train.py | head -1`: the reader goes away after one line; the run goes on and saves."""
     out = tmp_path / "out"
-    p = start(["train.py", *train_args(shakespeare_data, out, "--max_iters=30", "--eval_interval=30")], cwd=tmp_path)
+    p = start(train_args(shakespeare_data, out, "--max_iters=30", "--eval_interval=30"), cwd=tmp_path)
     p.stdout.readline()
     p.stdout.close()
     assert p.wait(timeout=120) == 0
@@ -356,7 +337,7 @@ def test_metrics_logs_of_earlier_runs_are_kept_and_eval_only_changes_none(traine
     out = tmp_path / "out"
     shutil.copytree(trained, out)
     records = read_metrics(out)
-    run(["train.py", *train_args(shakespeare_data, out, "--init_from=resume", "--eval_only=True")], cwd=tmp_path)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--init_from=resume", "--eval_only=True"), cwd=tmp_path))
     after = read_metrics(out)
     assert after[:len(records)] == records and [r["type"] for r in after[len(records):]] == ["eval"]
     assert not (out / "metrics.jsonl.1").exists()
@@ -365,8 +346,8 @@ def test_metrics_logs_of_earlier_runs_are_kept_and_eval_only_changes_none(traine
     fresh.mkdir()
     for n in range(2):
         (fresh / "metrics.jsonl").write_text(f'{{"type": "train", "iter": {n}}}\n')
-        run(["train.py", *train_args(shakespeare_data, fresh, "--max_iters=1", "--eval_interval=100",
-                                     "--always_save_checkpoint=False")], cwd=tmp_path)
+        assert_ok(run_script(train_args(shakespeare_data, fresh, "--max_iters=1", "--eval_interval=100",
+                                        "--always_save_checkpoint=False"), cwd=tmp_path))
         (fresh / "ckpt.pt").unlink(missing_ok=True)
         (fresh / "best.pt").unlink(missing_ok=True)
     assert (fresh / "metrics.jsonl.1").read_text() == '{"type": "train", "iter": 0}\n'
@@ -402,14 +383,15 @@ def test_sample_refuses_checkpoint_with_code(trained, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     marker = tmp_path / "pwned"
     torch.save({**ckpt, "x": Payload(marker)}, out / "ckpt.pt")
-    r = run(["sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"], cwd=tmp_path,
-            check=False)
+    r = run_script(["sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"],
+                   cwd=tmp_path)
     assert_user_error(r, "refusing checkpoint", "pickled")
     assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- compiled and wrapped models
 
+@pytest.mark.slow  # torch.compile's import takes seconds
 def test_checkpoint_of_a_compiled_or_wrapped_model_has_clean_names(tmp_path):
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
 
@@ -498,6 +480,17 @@ BAD_INPUTS = [
     ("unknown-key-in-file", "train.py", ["{case}/typo.py"], _write("typo.py", "n_embed = 32\n"),
      ["'n_embed'", "did you mean 'n_embd'?", "typo.py"]),
     ("wrong-type", "train.py", ["--batch_size=4.5"], None, ["'batch_size'", "expects int", "got float"]),
+    ("bool-for-int", "train.py", ["--batch_size=True"], None, ["'batch_size'", "expects int", "got bool"]),
+    ("int-for-bool", "train.py", ["--compile=1"], None, ["'compile'", "expects bool", "got int"]),
+    ("word-for-float", "train.py", ["--learning_rate=fast"], None, ["'learning_rate'", "expects float", "got str"]),
+    ("wrong-type-in-file", "train.py", ["{case}/bad.py"], _write("bad.py", "batch_size = 'big'\n"),
+     ["'batch_size'", "expects int", "got str", "bad.py"]),
+    ("list-for-plain-key", "train.py", ["--n_head=[1, 2]"], None, ["'n_head'", "not a plain"]),
+    ("expert_hidden-zero", "train.py", ["--n_experts=4", "--expert_hidden=0"], None, ["expert_hidden=0", ">= 1"]),
+    ("moe_impl-unknown", "train.py", ["--moe_impl=fast"], None, ["moe_impl='fast'", "'loop'"]),
+    ("pos_emb-unknown", "train.py", ["--pos_emb=alibi"], None, ["pos_emb='alibi'", "'rope'"]),
+    ("rope-odd-head-size", "train.py", ["--pos_emb=rope", "--n_embd=30", "--n_head=2"], None,
+     ["even head size", "15"]),
     ("malformed-value", "train.py", ["--batch_size=[1"], None, ["'batch_size'", "expects int", "'[1'"]),
     ("flag-without-value", "train.py", ["--max_iters"], None, ["'--max_iters' has no value"]),
     ("missing-config-file", "train.py", ["{case}/nope.py"], None, ["config file", "nope.py", "not found"]),
@@ -543,7 +536,7 @@ BAD_INPUTS = [
      ["not found", "python prepare.py text --input PATH --name nope --data_root"]),
     ("split-missing", "train.py", [], _remove("data/shakespeare_char/val.bin"), ["val.bin not found", "prepare.py"]),
     ("token-file-odd-size", "train.py", [], _append_byte("data/shakespeare_char/train.bin"),
-     ["train.bin has 180001 bytes", "not a whole number"]),
+     ["train.bin has", "bytes, not a whole number of uint16 tokens"]),
     ("vocab-smaller-than-data", "train.py", [], _edit_meta, ["holds token id", "vocab_size=10"]),
     ("block-larger-than-data", "train.py", ["--block_size=12000"], None, ["val.bin", "too few", "block_size=12000"]),
     ("n_embd-not-divisible-by-n_head", "train.py", ["--n_head=3"], None, ["n_embd=32", "n_head=3"]),
@@ -621,29 +614,17 @@ BAD_INPUTS = [
 ]
 
 
-# these run as real subprocesses; the rest in-process (a torch start per case would cost a minute), which runs
-# the same `if __name__ == "__main__"` block (test_sample_refuses_checkpoint_with_code runs sample.py for real)
+# these also run as real subprocesses, as a person runs them (in the slow tier: a torch start each); every case
+# runs in this process (conftest.run_script), which runs the same `if __name__ == "__main__"` block
 CLI_CASES = {"dataset-missing", "resume-corrupt-checkpoint"}
+CASES = [pytest.param(*case, False, id=case[0]) for case in BAD_INPUTS] + \
+    [pytest.param(*case, True, id=f"{case[0]}-subprocess", marks=pytest.mark.slow) for case in BAD_INPUTS
+     if case[0] in CLI_CASES]
 
 
-def run_in_process(script, args, cwd, monkeypatch, capfd):
-    """Run a script as `python script args` would, its `if __name__ == "__main__"` block included, inside
-    this process. An exception other than SystemExit propagates: it is the traceback a person would see."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
-    capfd.readouterr()
-    code = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
-@pytest.mark.parametrize("case_id, script, extra, setup, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trained, tmp_path, monkeypatch, capfd,
-                                                          case_id, script, extra, setup, words):
+@pytest.mark.parametrize("case_id, script, extra, setup, words, as_subprocess", CASES)
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trained, tmp_path, case_id, script, extra,
+                                                          setup, words, as_subprocess):
     """Each bad input in a folder of its own: a copy of the dataset and of a trained out_dir."""
     case = tmp_path / case_id
     shutil.copytree(shakespeare_data / "shakespeare_char", case / "data" / "shakespeare_char")
@@ -655,12 +636,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trai
         resume = any(a.startswith("--init_from=resume") for a in extra) or case_id == "scratch-over-a-checkpoint"
         args = train_args(case / "data", case / ("out" if resume else "new"), "--max_iters=6", "--eval_interval=2")
     else:
-        args = [f"--out_dir={case / 'out'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
+        args = [script, f"--out_dir={case / 'out'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
     args += [a.replace("{case}", str(case)) for a in extra]
     before = snapshot(case, shakespeare_data)
-    if case_id in CLI_CASES:
-        r = run([script, *args], cwd=case, check=False)
-    else:
-        r = run_in_process(script, args, case, monkeypatch, capfd)
+    r = run(args, cwd=case, check=False) if as_subprocess else run_script(args, cwd=case)
     assert_user_error(r, *words)
     assert snapshot(case, shakespeare_data) == before

@@ -1,6 +1,6 @@
 """
-train.py and sample.py end to end, the way a person runs them: prepare a tiny dataset, train a tiny dense
-model on the CPU, sample from it (from another folder, without the dataset), resume it.
+train.py and sample.py end to end, the way a person runs them: train a tiny dense model on the CPU, sample from
+it (from another folder, without the dataset, as a process of its own), resume it.
 The bad inputs of both scripts are in test_reliability.py.
 """
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import assert_user_error, read_lines_until, read_metrics, run, start
+from conftest import assert_ok, assert_user_error, read_lines_until, read_metrics, run, run_script, start
 
 SEPARATOR = "\n---------------\n"  # sample.py prints it after each sample
 
@@ -27,13 +27,14 @@ def dense_run(tmp_path_factory, shakespeare_data):
     """A 40-iteration run of a tiny dense model (checkpoints at the evals of iterations 20 and 40)."""
     work = tmp_path_factory.mktemp("dense")
     out = work / "out"
-    r = run(train_args(shakespeare_data, out, "--max_iters=40", "--lr_decay_iters=40"), cwd=work)
+    r = run_script(train_args(shakespeare_data, out, "--max_iters=40", "--lr_decay_iters=40"), cwd=work)
+    assert_ok(r)
     return work, out, r
 
 
 def sample(work, out_dir, *extra):
     return run(["sample.py", f"--out_dir={out_dir}", "--device=cpu", "--num_samples=1", *extra], cwd=work,
-               check=False)
+               check=False)  # a real process, as the README's command
 
 
 def test_training_lowers_loss_and_saves_checkpoint(dense_run):
@@ -70,7 +71,8 @@ def test_resume_continues_from_saved_iteration(dense_run, shakespeare_data):
     work, out, _ = dense_run
     resumed = work / "resumed"
     shutil.copytree(out, resumed)
-    run(train_args(shakespeare_data, resumed, "--max_iters=60", "--lr_decay_iters=40", "--init_from=resume"), cwd=work)
+    assert_ok(run_script(train_args(shakespeare_data, resumed, "--max_iters=60", "--lr_decay_iters=40",
+                                    "--init_from=resume"), cwd=work))
     assert torch.load(resumed / "ckpt.pt", weights_only=True)["iter_num"] == 60
     assert logged_iters(resumed) == list(range(0, 60, 5))  # the first run's records kept, the new ones appended
 
@@ -79,7 +81,8 @@ def test_resume_needs_only_out_dir_the_rest_comes_from_the_checkpoint(dense_run)
     work, out, _ = dense_run
     resumed = work / "resumed-short"
     shutil.copytree(out, resumed)
-    r = run(["train.py", "--init_from=resume", f"--out_dir={resumed}", "--max_iters=45"], cwd=work)
+    r = run_script(["train.py", "--init_from=resume", f"--out_dir={resumed}", "--max_iters=45"], cwd=work)
+    assert_ok(r)
     assert logged_iters(resumed)[-2:] == [35, 40]  # same data, model, log_interval and device as the saved run
     assert "device cpu" in r.stdout
     assert torch.load(resumed / "ckpt.pt", weights_only=True)["iter_num"] == 45
@@ -91,11 +94,12 @@ def test_wandb_log_without_wandb_is_a_clear_error(tmp_path, shakespeare_data):
         pytest.skip("wandb is installed: the missing-package message cannot be seen")
     except ImportError:
         pass
-    r = run(train_args(shakespeare_data, tmp_path / "out", "--wandb_log=True"), cwd=tmp_path, check=False)
+    r = run_script(train_args(shakespeare_data, tmp_path / "out", "--wandb_log=True"), cwd=tmp_path)
     assert_user_error(r, "pip install wandb")
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.slow  # a GPU-sized run, stopped once it has said so
 def test_gpu_recipe_on_a_cpu_says_how_long_and_points_to_the_cpu_recipe(tmp_path, shakespeare_data):
     """The README's GPU command run on a CPU says at once that it would take hours, instead of looking hung
     (the run is stopped once it has said so)."""

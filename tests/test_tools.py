@@ -1,0 +1,233 @@
+"""
+The tools (tools/, run as `python -m tools.NAME`): bench times train.py's own step and prints its figures;
+plot draws runs' metrics.jsonl; study trains the variants, tabulates seeds and resumes; consolidate refuses
+a run without a sharded checkpoint. Each bad input is one line.
+"""
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_RUN, assert_ok, assert_user_error, run, run_main, run_script
+from tools import bench, consolidate, plot, study
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="tools.plot needs matplotlib (pip install "
+                                                                  "matplotlib)")
+
+
+def without_matplotlib(tmp_path):
+    """An environment in which `import matplotlib` fails, as where it is not installed."""
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    return {"PYTHONPATH": str(fake.parent)}
+
+
+# ----------------------------------------------------------------------------- bench
+
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
+        "--batch_size=2", "--gradient_accumulation_steps=1", "--vocab_size=64", "--n_experts=4",
+        "--bench_warmup=1", "--bench_steps=2"]
+LINE = re.compile(r"^(dense|moe-loop|moe-grouped)\s+([\d.]+) ms/step\s+([\d,]+) tok/s .*params ([\d.]+)M, "
+                  r"active ([\d.]+)M  ckpt save \d+ ms \(([\d.]+) MiB\)$", re.M)
+
+
+def test_bench_prints_every_variant_and_the_ratios(tmp_path):
+    r = run_script(["tools.bench", *TINY, "--moe_top_k=1"], cwd=tmp_path)
+    assert_ok(r)
+    rows = {m[0]: m for m in LINE.findall(r.stdout)}
+    assert set(rows) == {"dense", "moe-loop", "moe-grouped"}, r.stdout
+    assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows.values())
+    # top-1 of 4 experts: the MoE has more parameters, the same active count as the dense model
+    assert float(rows["moe-loop"][3]) > float(rows["dense"][3])
+    assert rows["moe-loop"][4] == rows["dense"][4] == rows["moe-grouped"][4]
+    assert re.search(r"^ratio: moe-loop/dense [\d.]+x, moe-grouped/dense [\d.]+x$", r.stdout, re.M)
+
+
+def test_bench_rejects_an_unknown_variant(tmp_path):
+    r = run_script(["tools.bench", *TINY, "--bench_variants=dense,fast"], cwd=tmp_path)
+    assert_user_error(r, "bench_variants", "fast")
+
+
+def test_bench_times_a_hybrid(tmp_path):
+    r = run_script(["tools.bench", *TINY, "--n_layer=1", "--bench_variants=dense", "--bench_checkpoint=False",
+                    "--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=16", "--mamba2_state_size=8",
+                    "--mamba2_chunk_size=8"], cwd=tmp_path)
+    assert_ok(r)
+    assert "Mamba2 layers [0]" in r.stdout and re.search(r"^dense\s+[\d.]+ ms/step", r.stdout, re.M)
+
+
+@pytest.mark.parametrize("weight", ["z_loss_weight", "balance_loss_weight"])
+def test_a_benchmarked_step_trains_the_router_with_the_auxiliary_losses(tmp_path, weight):
+    """The step bench times is train.py's: the balance loss and the z-loss reach the router's gradient. (An
+    older copy of the step read a renamed key and left them out: a weight of 0 and of 10 gave bit-identical
+    router weights.)"""
+    from nanomoe.configurator import parse_args
+    from nanomoe.distributed.parallel import setup_processes
+    routers = []
+    for value in (0.0, 10.0):
+        flags = [*TINY, "--moe_top_k=2", "--grad_clip=0", f"--{weight}={value}"]
+        cfg = SimpleNamespace(**parse_args(bench.KEYS, flags))
+        model, _, step = bench.make_step("grouped", cfg, setup_processes(cfg))
+        step()
+        routers.append(model.moe_layers()[0].router.weight.detach().clone())
+    assert not torch.equal(routers[0], routers[1])
+
+
+# ----------------------------------------------------------------------------- plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_data):
+    """out_dirs of a dense and an MoE run (4 iterations, evals at 0, 2 and 4)."""
+    work = tmp_path_factory.mktemp("plot_runs")
+    for name, extra in (("dense", []), ("moe", ["--n_experts=4", "--moe_top_k=2", "--moe_every=2"])):
+        assert_ok(run_script(["train.py", "--dataset=shakespeare_char", f"--data_root={shakespeare_data}",
+                              f"--out_dir={work / name}", *TINY_MODEL, *TINY_RUN, "--max_iters=4", "--eval_interval=2",
+                              *extra], cwd=work))
+    return work / "dense", work / "moe"
+
+
+def plot_cli(argv, capsys):
+    """tools.plot's command line in this process (matplotlib is slow to import): (exit code, stdout, stderr)."""
+    return run_main(plot.main, argv, capsys)
+
+
+def assert_png(path):
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("x", ["iter", pytest.param("tokens", marks=pytest.mark.slow)])
+def test_plot_writes_curves_and_expert_load(runs, tmp_path, capsys, x):
+    code, out, err = plot_cli([*runs, "-o", tmp_path / "runs.png", "--x", x], capsys)
+    assert code == 0, err
+    assert_png(tmp_path / "runs.png")
+    assert_png(tmp_path / "runs_experts.png")
+    assert "runs_experts.png" in out
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_dense_runs_give_no_expert_image(runs, tmp_path, capsys):
+    code, _, err = plot_cli([runs[0], "-o", tmp_path / "dense.png"], capsys)
+    assert code == 0, err
+    assert_png(tmp_path / "dense.png")
+    assert not (tmp_path / "dense_experts.png").exists()
+
+
+@needs_matplotlib
+def test_expert_load_is_read_per_layer(runs):
+    loads, source = plot.expert_loads(plot.read_metrics(runs[1]))
+    assert source == "val at eval" and [r["iter"] for r, _ in loads] == [0, 2, 4]
+    last = loads[-1][1]
+    assert len(last) == 1 and len(last[0]) == 4  # moe_every=2 on 2 layers: one MoE layer of 4 experts
+    assert sum(last[0]) == pytest.approx(1.0)
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_a_run_being_written_is_plotted(runs, tmp_path, capsys):
+    live = tmp_path / "live"
+    shutil.copytree(runs[1], live)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "iter": 4, "time": 17')  # train.py is in the middle of this line
+    code, _, err = plot_cli([live, "-o", tmp_path / "live.png"], capsys)
+    assert code == 0 and err == "", err
+    assert_png(tmp_path / "live_experts.png")
+
+
+@needs_matplotlib
+def test_folder_without_metrics_is_one_line_error(runs, tmp_path, capsys):
+    code, out, err = plot_cli([runs[0], tmp_path, "-o", tmp_path / "x.png"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: no metrics.jsonl in") and str(tmp_path) in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_matplotlib_names_the_install(runs, tmp_path):
+    r = run(["tools.plot", runs[0], "-o", tmp_path / "x.png"], cwd=tmp_path, env=without_matplotlib(tmp_path),
+            check=False)
+    assert_user_error(r, "tools.plot needs matplotlib: pip install matplotlib")
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_an_existing_image_is_replaced_only_with_force(runs, tmp_path, capsys):
+    (tmp_path / "mine.png").write_bytes(b"someone's picture")
+    code, _, err = plot_cli([runs[1], "-o", tmp_path / "mine.png"], capsys)
+    assert code == 2 and err.startswith("error: ") and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "mine.png").read_bytes() == b"someone's picture"
+    assert not (tmp_path / "mine_experts.png").exists()
+    code, _, _ = plot_cli([runs[1], "-o", tmp_path / "mine.png", "--force"], capsys)
+    assert code == 0
+    assert_png(tmp_path / "mine.png")
+
+
+# ----------------------------------------------------------------------------- study
+
+@pytest.mark.slow  # three train.py runs
+def test_study_tables_seeds_and_resumes(tmp_path, shakespeare_data):
+    args = ["tools.study", "--corpora=shakespeare_char", "--variants=top2x8-aux,top1x8-switch", "--seeds=2",
+            "--max_iters=2", "--eval_iters=2", f"--data_root={shakespeare_data}", f"--work={tmp_path / 'work'}",
+            f"--docs={tmp_path / 'docs'}"]
+    first = run(args, cwd=tmp_path)
+    # one seed of every variant, then the extra seed of the best MoE only (and of dense, when it is studied)
+    runs = json.loads((tmp_path / "work" / "shakespeare_char" / "summary.json").read_text())
+    best = min(runs, key=lambda r: r["best_val"])["variant"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+        [("top2x8-aux", 1337), ("top1x8-switch", 1337), (best, 1338)])
+    assert first.stdout.count("== shakespeare_char ") == 3
+
+    rows = (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines()
+    by_variant = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows[2:]}
+    other = ({"top1x8-switch", "top2x8-aux"} - {best}).pop()
+    assert set(by_variant) == {other, f"**{best}**"}
+    moe = by_variant[f"**{best}**"]
+    best_vals = [r["best_val"] for r in runs if r["variant"] == best]
+    assert moe[0] == "2" and moe[1].startswith(f"{sum(best_vals) / 2:.4f} ± ")  # mean ± spread of 2 seeds
+    assert moe[2] == "4,096"  # 2 steps x 2,048 tokens
+    assert 0 <= float(moe[4]) and 0 <= float(moe[5]) <= 1  # load CV, dead share
+    assert by_variant[other][0] == "1" and " ± " not in by_variant[other][1]
+    assert (tmp_path / "docs" / "study_cpu_shakespeare_char.png").stat().st_size > 10_000
+
+    # a second invocation trains nothing new: finished runs are read back, the table is the same
+    again = run(args, cwd=tmp_path)
+    assert "== " not in again.stdout
+    assert (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines() == rows
+
+
+@pytest.mark.parametrize("arg, message", [("--variants=dense,top9x8", "unknown variants top9x8"),
+                                          ("--seeds=0", "--seeds must be at least 1"),
+                                          ("--max_iters=0", "--max_iters must be at least 1")])
+def test_study_bad_input(tmp_path, monkeypatch, capsys, arg, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(study.main, [arg], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out-study").exists()
+
+
+def test_study_says_matplotlib_is_missing_before_training(tmp_path):
+    r = run(["tools.study"], cwd=tmp_path, env=without_matplotlib(tmp_path), check=False)
+    assert_user_error(r, "tools.study needs matplotlib for its plots: pip install matplotlib")
+    assert not (tmp_path / "out-study").exists() and not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------------------- consolidate
+
+def test_consolidate_without_a_sharded_checkpoint(tmp_path, capsys):
+    code, _, err = run_main(consolidate.main, [tmp_path], capsys)
+    # its other bad inputs are those of loading a checkpoint: test_reliability.py
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "has no sharded checkpoint (ckpt.dcp)" in err
