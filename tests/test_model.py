@@ -119,17 +119,6 @@ def test_num_params_by_hand():
     assert model.num_active_params() == model.get_num_params()
 
 
-def test_estimate_mfu_formula():
-    model = tiny_gpt()
-    N = 2 * (12 * 32 * 32 + 13 * 32) + 32 * 32 + 2 * 32
-    L, H, Q, T = 2, 4, 8, 16
-    flops_per_token = 6 * N + 12 * L * H * Q * T
-    tokens, dt, peak = 4096, 0.25, 1e12
-    assert model.flops_per_token() == flops_per_token
-    assert model.estimate_mfu(tokens, dt, peak) == pytest.approx(flops_per_token * tokens / dt / peak)
-    assert model.estimate_mfu(tokens, dt, None) is None  # unknown hardware peak: no MFU
-
-
 @pytest.mark.parametrize("variant", ["gpt2", "rope"])
 def test_generate_past_block_size(variant):
     model = tiny_gpt(**VARIANTS[variant]).eval()

@@ -443,7 +443,6 @@ def test_num_active_params_counts_k_of_E_experts():
     # a token uses 2 of the 4 experts: as many weights as the 2-expert model, plus the bigger router
     assert moe.num_active_params() == two_experts.get_num_params() + L * 2 * D
     assert moe.num_active_params() == moe.get_num_params() - L * 2 * per_expert
-    assert moe.flops_per_token() == 6 * moe.num_active_params() + 12 * 2 * 4 * 8 * 16
 
     every_other = tiny_moe_gpt(n_experts=4, moe_top_k=1, moe_every=2)
     assert len(every_other.moe_layers()) == 1 and isinstance(every_other.transformer.h[0].mlp, MLP)
