@@ -43,6 +43,13 @@ needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
                                 reason="GPT-2 BPE needs tiktoken's files offline: set TIKTOKEN_CACHE_DIR to a "
                                        "folder that holds them")
 
+def import_transformers():
+    """transformers, imported when a Hugging Face test first runs (a collection that imported it would cost
+    seconds even for the quick tier); the test is skipped without it."""
+    return pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
+                                                      "(pip install transformers)")
+
+
 # a model and a run small enough that CLI training takes seconds on 2 CPU cores
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--dropout=0.0"]
 TINY_RUN = ["--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=8",

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import import_transformers, run_main
 from model import GPT, GPTConfig
 from moe_model import MoE, MoEConfig
 from nanomoe.errors import UserError
@@ -21,14 +21,13 @@ from nanomoe.factory import build_model
 from nanomoe.hf import llama as hf_llama
 from nanomoe.hf.formats import export_checkpoint, load_hf, model_for_training, pick_format
 
-transformers = None  # imported by the fixture below when a test of this file runs (it takes seconds)
+transformers = None  # imported when a test of this file runs (it takes seconds)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _transformers():
     global transformers
-    transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
-                                                              "(pip install transformers)")
+    transformers = import_transformers()
 
 
 pytestmark = pytest.mark.slow  # Llama/Mixtral/Qwen2-MoE interop: `pytest -m "not slow"` skips it

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_RUN, assert_ok, assert_user_error, run_script
+from conftest import TINY_MODEL, TINY_RUN, assert_ok, assert_user_error, import_transformers, run_script
 from model import GPT, GPTConfig
 from moe_model import MoEConfig, MoEGPT
 from nanomoe.checkpoint import load_checkpoint, model_from_checkpoint
@@ -16,14 +16,13 @@ from nanomoe.errors import UserError
 from nanomoe.hf.formats import model_for_training
 from nanomoe.hf.gpt2 import export_hf, load_gpt2
 
-transformers = None  # imported by the fixture below when a test of this file runs (it takes seconds)
+transformers = None  # imported when a test of this file runs (it takes seconds)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _transformers():
     global transformers
-    transformers = pytest.importorskip("transformers", reason="Hugging Face formats need transformers "
-                                                              "(pip install transformers)")
+    transformers = import_transformers()
 
 
 pytestmark = pytest.mark.slow  # Hugging Face GPT-2 interop: `pytest -m 'not slow'` skips it for a quick loop
