@@ -1,4 +1,4 @@
-# GPT-2 (124M backbone) with MoE in every other layer: 4 experts, top-1 Switch routing (sijunhe/nanoMoE study)
+# GPT-2 (124M size, Llama-style backbone) with MoE in every other layer: 4 experts, top-1 Switch routing (sijunhe/nanoMoE study)
 # 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_moe_4_experts.py
 
 include("train_gpt2_moe.py")
