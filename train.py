@@ -488,8 +488,9 @@ def save(run, reason, iter_num, best_val_loss, improved=False):
     no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes. Saves
     happen between steps, so the batch generator's state is the one before the next step's first batch."""
     states = gather_objects(rng_state(run.batch_gen.get_state()), run.proc)  # each rank draws its own batches
-    finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
-    if any_rank(not finite, run.proc):  # a sharded rank sees only its share of the weights
+    # one check on the device and one read of its answer (a check per parameter waited for the GPU each time)
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters()]).all()
+    if any_rank(~finite, run.proc):  # a sharded rank sees only its share of the weights
         if run.proc.master:
             print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
         return

@@ -146,6 +146,24 @@ def test_bf16_autocast_keeps_the_scan_in_float32():
     assert abs(loss_bf16.item() - model(idx, idx)[1].item()) < 0.05
 
 
+def test_bf16_weights_as_fsdp_gathers_them_compute_like_float32_ones(recwarn):
+    """FSDP's bf16 MixedPrecisionPolicy runs the layer with every weight in bf16, the norm's too: the scan and
+    its norm still run in float32 (on rms_norm's fused kernel, which a weight in another dtype than its input
+    leaves with a warning), equal to float32 weights holding the same values."""
+    torch.manual_seed(0)
+    layer = Mamba2(GPTConfig(**TINY))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(p.to(torch.bfloat16))  # values a bf16 copy holds exactly
+    gathered = Mamba2(GPTConfig(**TINY)).to(torch.bfloat16)
+    gathered.load_state_dict(layer.state_dict())
+    u = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = layer(u), gathered(u)
+    assert not [str(w.message) for w in recwarn.list if "dtype" in str(w.message)]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow  # torch.compile's first trace takes seconds
 def test_compiled_layer_equals_eager_output_and_gradients():
     torch.manual_seed(0)
