@@ -89,7 +89,7 @@ device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'm
 dtype: Valid(choices=DTYPES) = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
 compile = True  # torch.compile the model (turned off with a note on CPU and MPS, and with fsdp or ep_size)
 seed: Valid(min=0, max=MAX_SEED) = 1337
-peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
+peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (docs/gpu.md lists the known ones)
 max_nonfinite_steps: Valid(min=1) = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
 # -----------------------------------------------------------------------------
 RUN_KEYS = script_keys(sys.modules[__name__])  # the settings of the run; the model's come from its config classes
