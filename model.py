@@ -335,7 +335,8 @@ class GPT(nn.Module):
             logits = logits[:, -1, :vocab_size] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
+                # masked_fill, not logits[mask] = ...: a boolean index makes the host wait for the GPU each token
+                logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

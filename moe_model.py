@@ -86,6 +86,9 @@ class MoEConfig(GPTConfig):
         if self.n_experts < 1:
             raise UserError(f"n_experts must be at least 1 for an MoE model, got {self.n_experts} "
                             f"(n_experts=0 is a dense GPT: build_model makes one)")
+        if self.n_experts >= 1024:  # torch's CUDA grouped GEMM (CUTLASS and cuBLASLt) takes under 1024 groups
+            raise UserError(f"n_experts={self.n_experts} is more than the 1023 experts per layer that torch's "
+                            f"grouped GEMM runs on a GPU; use --n_experts=1023 or fewer")
         if self.moe_top_k > self.n_experts:
             raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
         if self.moe_renorm and self.moe_top_k == 1:

@@ -20,7 +20,7 @@ import torch
 from nanomoe.checkpoint import load_checkpoint, model_from_checkpoint
 from nanomoe.cli import Progress, run_cli
 from nanomoe.configurator import parse_args
-from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype
+from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype, synchronize
 from nanomoe.errors import UserError
 from nanomoe.settings import MAX_SEED, Valid, script_keys
 from nanomoe.tokenizer import Tokenizer
@@ -109,13 +109,13 @@ def bench_generation(model, cfg, dev, dtype, vocab_size):
     for kv_cache in (True, False):
         times = []
         for _ in range(cfg.num_samples):
+            synchronize(dev)
             t0 = time.perf_counter()
             with torch.no_grad(), autocast_context(dev, dtype):
                 for _ in model.generate_stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, vocab_size,
                                                kv_cache):
                     pass
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(dev)  # generation queues its tokens on a GPU without waiting for them
             times.append(time.perf_counter() - t0)
         speed[kv_cache] = cfg.max_new_tokens / statistics.median(times)
         print(f"kv_cache={kv_cache!s:5}  {speed[kv_cache]:10,.1f} tokens/s", flush=True)

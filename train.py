@@ -89,7 +89,7 @@ device = "auto"  # 'auto' picks cuda > mps > cpu; or 'cpu', 'cuda', 'cuda:1', 'm
 dtype: Valid(choices=DTYPES) = "auto"  # 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 elsewhere
 compile = True  # torch.compile the model (turned off with a note on CPU and MPS, and with fsdp or ep_size)
 seed: Valid(min=0, max=MAX_SEED) = 1337
-peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (H100/H200/A100 are known)
+peak_flops: Valid(float | None, above=0) = None  # FLOP/s peak for MFU on a GPU we do not know (docs/gpu.md lists the known ones)
 max_nonfinite_steps: Valid(min=1) = 5  # stop after this many optimizer steps in a row with a NaN/Inf loss or gradient
 # -----------------------------------------------------------------------------
 RUN_KEYS = script_keys(sys.modules[__name__])  # the settings of the run; the model's come from its config classes
@@ -488,8 +488,9 @@ def save(run, reason, iter_num, best_val_loss, improved=False):
     no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes. Saves
     happen between steps, so the batch generator's state is the one before the next step's first batch."""
     states = gather_objects(rng_state(run.batch_gen.get_state()), run.proc)  # each rank draws its own batches
-    finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
-    if any_rank(not finite, run.proc):  # a sharded rank sees only its share of the weights
+    # one check on the device and one read of its answer (a check per parameter waited for the GPU each time)
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters()]).all()
+    if any_rank(~finite, run.proc):  # a sharded rank sees only its share of the weights
         if run.proc.master:
             print(f"not saving ({reason}): the model has non-finite parameters; the last good checkpoint stays")
         return

@@ -78,10 +78,15 @@ class TokenData:
         ix = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()
         x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
-        if device.startswith("cuda"):
-            # pinned memory lets the copy to the GPU overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+        return to_device(x, device), to_device(y, device)
+
+
+def to_device(t, device):
+    """A CPU tensor (a batch) on the device. To a GPU from pinned memory without blocking: the host queues the
+    copy and goes on, and the copy overlaps with the work already queued (a plain .to() waits for it)."""
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def describe_tokenizer(meta):

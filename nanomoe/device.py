@@ -1,10 +1,11 @@
 """
 Where and in what precision a script runs: the device ('auto' = cuda > mps > cpu), the dtype ('auto' = bf16 on
-GPUs that have it), the autocast context, whether torch.compile is used, and the peak FLOP/s MFU is measured
-against.
+GPUs that have it), TF32 for float32 matmuls on CUDA, the autocast context, whether torch.compile is used,
+waiting for the device before reading a clock, and the peak FLOP/s MFU is measured against.
 """
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -15,7 +16,27 @@ from nanomoe.errors import UserError
 
 
 def pick_device(device):
-    """'auto' picks cuda > mps > cpu; anything else is checked to exist so the error is readable."""
+    """'auto' picks cuda > mps > cpu; anything else is checked to exist so the error is readable. Picking CUDA
+    also lets its float32 matmuls use TF32 (use_tf32)."""
+    device = _which_device(device)
+    if device.startswith("cuda"):
+        use_tf32()
+    return device
+
+
+def use_tf32():
+    """float32 matmuls on TF32 tensor cores (Ampere and later; cuDNN's convolutions already use them by
+    default), as nanoGPT does. What runs in float32: every matmul of a --dtype=float32 run, and in a bf16 run
+    the parts kept in float32 on purpose, Mamba2's scan einsums and the router's logits. In IEEE float32 they
+    would run off the tensor cores (an H100 SXM's datasheet: 67 TFLOP/s against 495 in TF32).
+    The router is not kept in IEEE float32: TF32 rounds a matmul's inputs to 10 mantissa bits (a relative
+    5e-4; bf16 keeps 7 bits, and Hugging Face's Mixtral computes its router logits in bf16 under autocast) and
+    accumulates in float32; keeping one layer out would take a global switch flipped inside the compiled
+    graph. Softmax, top-k, the z-loss and the scan's decays are elementwise float32, which TF32 leaves alone."""
+    torch.set_float32_matmul_precision("high")
+
+
+def _which_device(device):
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -62,19 +83,45 @@ def compile_supported(device):
     return device.startswith("cuda") and sys.platform != "win32" and os.environ.get("NANOMOE_NO_COMPILE") is None
 
 
-# bf16 dense tensor-core peaks (FLOP/s) of the GPUs we know; others take the peak_flops config value
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+def synchronize(device):
+    """Wait until the device has finished what was queued on it: a clock read after this times the work, not
+    its launch. (CUDA and MPS run asynchronously; the CPU does not.)"""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+# bf16 dense (no sparsity) tensor-core peaks in FLOP/s from NVIDIA's datasheets, matched in order against
+# torch.cuda.get_device_name(): the PCIe and NVL parts before the SXM part of the same name, which reports no
+# form factor ("NVIDIA H100 80GB HBM3"). Whole words: GH200 and GB200 are other parts (unknown here).
+GPU_PEAK_FLOPS = [
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH[12]00\b.*\bNVL\b", 835e12),  # H100 NVL and H200 NVL, per GPU
+    (r"\bH100\b", 989e12),  # SXM
+    (r"\bH200\b", 989e12),  # SXM
+    (r"\bA100\b", 312e12),  # SXM and PCIe alike
+    (r"\bB200\b", 2250e12),
+    (r"\bL4\b", 121e12),
+]
+
+
+def peak_flops_of(gpu_name):
+    """The bf16 dense peak of the GPU named gpu_name (as torch.cuda.get_device_name says it), or None when
+    the table does not know it."""
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if re.search(pattern, gpu_name, re.IGNORECASE):
+            return flops
+    return None
 
 
 def gpu_peak_flops(device, configured=None):
-    """The hardware peak that MFU is measured against: the config value if set, else a known GPU's."""
+    """The hardware peak that MFU is measured against: the config value if set, else a known GPU's (None:
+    unknown, and no MFU is shown)."""
     if configured:
         return float(configured)
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
+        return peak_flops_of(torch.cuda.get_device_name(device))
     return None
 
 

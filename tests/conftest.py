@@ -9,6 +9,10 @@ outside the repository).
 
 `python -m pytest -m "not slow" tests` leaves out the tests marked slow (kill -9 and resume, torchrun and
 forked ranks, Hugging Face interop, the study): a quick loop while working. CI runs them all.
+
+`python -m pytest tests --device=cuda` (or NANOMOE_TEST_DEVICE=cuda) runs the tests that take the `device`
+fixture (the grouped experts, the MoE layer, the model, the generation cache, the compiled bf16 MoE) on the
+GPU; they skip with a reason where CUDA is not available. The others run on the CPU either way.
 """
 import contextlib
 import hashlib
@@ -20,17 +24,36 @@ import runpy
 import signal
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests import model.py, moe_model.py, train.py and nanomoe/ as the scripts do
 
 # the tests' models are tiny: one thread is fastest, and two threads on a busy 2-core machine mostly spin
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("NANOMOE_TEST_DEVICE", "cpu"),
+                     help="where the tests that take the `device` fixture run: cpu (default) or cuda "
+                          "(env NANOMOE_TEST_DEVICE)")
+
+
+@pytest.fixture
+def device(request):
+    """The device of the tests that can run on a GPU: --device (or NANOMOE_TEST_DEVICE), cpu by default."""
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(f"--device={name} asked for, but CUDA is not available here")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device={name}: use cpu or cuda")
+    return name
 
 
 def pytest_configure(config):
@@ -170,6 +193,91 @@ def kill_after_saves(args, cwd, n_saves):
             break
     p.communicate()
     assert p.returncode == -signal.SIGKILL, "the run ended before it was killed:\n" + "".join(output)
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+# ops after which the host waits for a GPU to finish: a Python number out of a tensor (.item(), float(),
+# bool(), what .tolist() does per element), and outputs whose shape depends on the data (the host must read
+# it to allocate them): torch.where(mask) and x[mask] (nonzero), repeat_interleave without output_size,
+# bincount (it reads the min and max), unique, masked_select
+SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave", "aten::bincount",
+               "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, on any device, the places where code would make the host wait for a GPU: the ops above, index
+    reads and writes with a boolean mask (nonzero inside), and .tolist() / .cpu() / .numpy(), which on a CPU
+    tensor dispatch nothing. Each count is keyed by what synced and where: 'file.py:function op'. CUDA runs
+    backward on threads of its own, where a mode does not reach: count on the CPU (torch.cuda's own
+    set_sync_debug_mode is the check on a GPU).
+
+    F.one_hot checks its indices' range on the host on CPUs only (ATen's Onehot.cpp skips the check on CUDA,
+    to avoid a sync): those two reads are not counted.
+
+        with HostSyncs() as syncs:
+            train_step(...)
+        assert syncs.total() == 0, syncs
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+        self.paused = 0
+        self.patches = []
+
+    def record(self, what):
+        if self.paused:
+            return
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if f.filename.startswith(str(REPO)) and "/tests/" not in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "tests"
+        key = f"{where} {what}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def total(self):
+        return sum(self.counts.values())
+
+    def __repr__(self):
+        return f"HostSyncs({self.counts})"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name in ("aten::index", "aten::index_put_", "aten::_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ())
+        # repeat_interleave reads its repeats (a tensor) on the host unless told the output's size
+        known_size = name == "aten::repeat_interleave" and (func._overloadname == "self_int" or
+                                                            (kwargs or {}).get("output_size") is not None)
+        if name in SYNCING_OPS and not known_size or masked:
+            self.record(name.split("::")[1] + (" with a boolean mask" if masked else ""))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        import torch.nn.functional as F
+        for name in ("tolist", "cpu", "numpy"):
+            self._patch(torch.Tensor, name, lambda real, name=name: lambda t, *a, **kw: (self.record(name),
+                                                                                         real(t, *a, **kw))[1])
+
+        def one_hot(real):
+            def unchecked(*a, **kw):
+                self.paused += 1
+                try:
+                    return real(*a, **kw)
+                finally:
+                    self.paused -= 1
+            return unchecked
+        self._patch(F, "one_hot", one_hot)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, real in self.patches:
+            setattr(owner, name, real)
+        return super().__exit__(*exc)
+
+    def _patch(self, owner, name, wrap):
+        real = getattr(owner, name)
+        self.patches.append((owner, name, real))
+        setattr(owner, name, wrap(real))
 
 
 # ----------------------------------------------------------------------------- checking what a run left

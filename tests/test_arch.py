@@ -3,6 +3,7 @@ The attention variants, the generation cache and F-gram embeddings (nanomoe/laye
 generation with the cache equals generation without it (MHA/GQA/MLA x learned/RoPE x dense/MoE, across
 block_size), MLA against the paper's equations written out, cache bytes per token, the F-gram hash and its
 zero-initialised tables. (Causality: test_model.py; resume bit-exact with MLA and F-gram: test_reliability.py.)
+The cache tests run on the GPU with --device=cuda.
 """
 import math
 
@@ -33,11 +34,11 @@ def all_logits(model, idx):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 @pytest.mark.parametrize("attn", ["mha", "gqa", "mla"])
-def test_generation_with_cache_equals_without(attn, pos_emb, moe):
+def test_generation_with_cache_equals_without(attn, pos_emb, moe, device):
     """Token for token (sampling with a fixed seed), 5 prompt + 20 new tokens: past block_size=16 each step
     re-prefills. The cached logits of every position equal a full forward's."""
-    model = tiny(moe=moe, pos_emb=pos_emb, fgram_max_n=3 if attn == "mla" else 0, **ATTN[attn])
-    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    model = tiny(moe=moe, pos_emb=pos_emb, fgram_max_n=3 if attn == "mla" else 0, **ATTN[attn]).to(device)
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
     torch.manual_seed(3)
     cached = model.generate(prompt, 20, kv_cache=True)
     torch.manual_seed(3)
@@ -51,10 +52,10 @@ def test_generation_with_cache_equals_without(attn, pos_emb, moe):
     assert cache.nbytes() == 2 * 16 * cache_values_per_token(model.config) * 4  # float32
 
 
-def test_cache_handles_several_new_positions_at_once():
+def test_cache_handles_several_new_positions_at_once(device):
     """A chunk of new positions after the cached ones (S > T > 1) uses the bottom-right causal mask."""
-    model = tiny(**MLA, pos_emb="rope")
-    seq = torch.randint(0, 32, (1, 12))
+    model = tiny(**MLA, pos_emb="rope").to(device)
+    seq = torch.randint(0, 32, (1, 12)).to(device)
     cache = GenerationCache(model.config.n_layer)
     model(seq[:, :4], cache=cache)
     chunk = seq[:, 4:9]

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, assert_ok, read_metrics, run_script, torchrun
+from conftest import REPO, HostSyncs, assert_ok, read_metrics, run_script, torchrun
 from moe_model import MoEConfig, MoEGPT
 from nanomoe.checkpoint import SHARDED, load_checkpoint, open_out_dir
 from nanomoe.data import TokenData
@@ -322,6 +322,55 @@ def test_expert_parallel_equals_unsharded(world_size, ep_size):
     # the case of experts without tokens really happened: on each rank, in each layer, some expert got none
     for rank_loads in results.values():
         assert all((load == 0).any(dim=-1).all() for load in rank_loads.values())
+
+
+# ============================================================================= host syncs, forked ranks
+
+# one optimizer step (train.train_step, 2 micro-steps, bf16 autocast) of a 2-layer MoE on 2 ranks
+SYNC_SHAPE = dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=8,
+                  moe_top_k=2, moe_impl="grouped")
+SYNC_CASES = {"ddp-aux_free": (dict(balance_mode="aux_free"), ()),
+              "ddp-global-balance": (dict(balance_scope="global"), ()),
+              "ep-capacity": (dict(capacity_factor=1.0), ("ep",))}
+
+
+def _host_syncs_rank(rank, world_size, init_file, results):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    join_gloo(rank, world_size, init_file)
+    out = {}
+    for name, (routing, sharding) in SYNC_CASES.items():
+        proc = SimpleNamespace(ddp=True, world_size=world_size, rank=rank, local_rank=rank, device_type="cpu",
+                               sharding=sharding)
+        torch.manual_seed(0)
+        model = build_model({**SYNC_SHAPE, **routing})
+        wrapped = parallel.shard(model, SimpleNamespace(fsdp=False, ep_size=2), proc) if sharding else DDP(model)
+        optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        g = torch.Generator().manual_seed(rank)
+        batches = [(torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
+                   for _ in range(2)]
+        sent, real = [], expert_parallel.all_to_all_single_autograd
+        expert_parallel.all_to_all_single_autograd = lambda t, *a: sent.append(t.dtype) or real(t, *a)
+        with HostSyncs() as syncs:
+            for _ in range(2):  # the first step creates Adam's moments
+                train_step(wrapped, model, optimizer, scaler, batches, torch.autocast("cpu", dtype=torch.bfloat16),
+                           proc, 1.0)
+        expert_parallel.all_to_all_single_autograd = real
+        out[name] = (syncs.counts, sorted(set(map(str, sent))))
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_a_training_step_waits_for_the_device_only_for_the_expert_parallel_splits():
+    """Under DDP the step hooks' all-reduces (aux-free bias, global balance) stay on the device; expert
+    parallel reads its all_to_all splits once per MoE layer per micro-step (torch's all_to_all takes Python
+    ints) and sends the tokens in bf16 under bf16 autocast."""
+    results = fork_ranks(_host_syncs_rank, 2)
+    for rank in (0, 1):
+        assert results[rank]["ddp-aux_free"] == ({}, [])
+        assert results[rank]["ddp-global-balance"] == ({}, [])
+        # 2 steps x 2 micro-steps x 2 MoE layers; rows there and back
+        assert results[rank]["ep-capacity"] == ({"expert_parallel.py:__call__ tolist": 8}, ["torch.bfloat16"])
 
 
 # ============================================================================= FSDP, forked ranks

@@ -2,7 +2,7 @@
 Mamba2 layers (nanomoe/layers/mamba2.py) and hybrid models: the chunked SSD scan against the recurrence
 written as a loop over time, generation with the recurrent state against the full forward pass,
 finite-difference gradients, bf16 autocast and torch.compile. (Causality: test_model.py; a hybrid MoE killed
-and resumed bit-exactly: test_reliability.py.)
+and resumed bit-exactly: test_reliability.py.) The generation tests run on the GPU with --device=cuda.
 """
 import pytest
 import torch
@@ -91,13 +91,13 @@ def test_layer_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("attn", ["mha", "mla"])
-def test_recurrent_generation_equals_the_full_forward(attn, moe):
+def test_recurrent_generation_equals_the_full_forward(attn, moe, device):
     """Prefill 5 positions, then one token at a time: each step's logits equal a full forward's; greedy
     decoding picks the same tokens; generate() with and without the cache samples the same 25 tokens, which
     passes block_size=16 (every step then re-prefills a new cache: the Mamba states start afresh too)."""
     extra = dict(attn="mla", kv_latent_dim=12, d_rope=4, pos_emb="rope") if attn == "mla" else {}
-    model = tiny(moe=moe, **extra)
-    seq = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny(moe=moe, **extra).to(device)
+    seq = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     cache = GenerationCache(model.config.n_layer)
     steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), all_logits(model, seq)[:, 4:], rtol=0, atol=1e-5)
@@ -123,10 +123,10 @@ def test_recurrent_generation_equals_the_full_forward(attn, moe):
     assert torch.equal(cached, model.generate(prompt, 25, kv_cache=False))
 
 
-def test_several_new_positions_after_a_cache():
+def test_several_new_positions_after_a_cache(device):
     """A chunk of new positions after cached ones (prefill in two parts) continues the conv and the state."""
-    model = tiny()
-    seq = torch.randint(0, 32, (1, 14), generator=torch.Generator().manual_seed(2))
+    model = tiny().to(device)
+    seq = torch.randint(0, 32, (1, 14), generator=torch.Generator().manual_seed(2)).to(device)
     cache = GenerationCache(model.config.n_layer)
     model(seq[:, :6], cache=cache)
     part = seq[:, 6:13]
@@ -144,6 +144,24 @@ def test_bf16_autocast_keeps_the_scan_in_float32():
         model(idx[:, 8:9], cache=cache)
     assert cache.get(0, "ssm").dtype == torch.float32
     assert abs(loss_bf16.item() - model(idx, idx)[1].item()) < 0.05
+
+
+def test_bf16_weights_as_fsdp_gathers_them_compute_like_float32_ones(recwarn):
+    """FSDP's bf16 MixedPrecisionPolicy runs the layer with every weight in bf16, the norm's too: the scan and
+    its norm still run in float32 (on rms_norm's fused kernel, which a weight in another dtype than its input
+    leaves with a warning), equal to float32 weights holding the same values."""
+    torch.manual_seed(0)
+    layer = Mamba2(GPTConfig(**TINY))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(p.to(torch.bfloat16))  # values a bf16 copy holds exactly
+    gathered = Mamba2(GPTConfig(**TINY)).to(torch.bfloat16)
+    gathered.load_state_dict(layer.state_dict())
+    u = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = layer(u), gathered(u)
+    assert not [str(w.message) for w in recwarn.list if "dtype" in str(w.message)]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # torch.compile's first trace takes seconds

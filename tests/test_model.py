@@ -2,7 +2,7 @@
 The dense GPT (model.py) on tiny configs: causality (every attention, embedding and layer option, dense and
 MoE), the modern options (RoPE, GQA, RMSNorm, SwiGLU), weight tying, parameter counts and the MFU formula,
 generation past block_size, crop_block_size. Invalid settings are in test_reliability.py's table, where a
-person meets them.
+person meets them. The tests that take `device` run on the GPU with --device=cuda.
 """
 import math
 
@@ -50,7 +50,7 @@ CAUSAL = {**{name: VARIANTS[name] for name in ("gpt2", "rope", "all")},
 
 
 @pytest.mark.parametrize("variant", CAUSAL)
-def test_causal(variant):
+def test_causal(variant, device):
     """Changing token t changes no logit before t, and changes the ones from t on."""
     overrides = CAUSAL[variant]
     torch.manual_seed(0)
@@ -58,7 +58,8 @@ def test_causal(variant):
     if "fgram_max_n" in overrides:  # trained tables: zero ones would hide a leak from the future
         for table in model.transformer.fgram.tables:
             torch.nn.init.normal_(table)
-    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.to(device)
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     changed = idx.clone()
     t = 7
     changed[:, t] = (idx[:, t] + 1) % 32
@@ -68,8 +69,8 @@ def test_causal(variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_shapes_and_overfits_one_batch(variant):
-    model = tiny_gpt(**VARIANTS[variant])
+def test_variant_shapes_and_overfits_one_batch(variant, device):
+    model = tiny_gpt(**VARIANTS[variant]).to(device)
     cfg = model.config
     hs = cfg.n_embd // cfg.n_head
     kv = cfg.n_kv_head or cfg.n_head
@@ -82,8 +83,8 @@ def test_variant_shapes_and_overfits_one_batch(variant):
     assert ("wpe" in model.transformer) == (cfg.pos_emb == "learned")
 
     gen = torch.Generator().manual_seed(2)
-    x = torch.randint(0, 32, (4, 16), generator=gen)
-    y = torch.randint(0, 32, (4, 16), generator=gen)
+    x = torch.randint(0, 32, (4, 16), generator=gen).to(device)
+    y = torch.randint(0, 32, (4, 16), generator=gen).to(device)
     logits, loss, extra = model(x, y)
     assert logits.shape == (4, 16, 32) and extra == {}
     assert loss.item() == pytest.approx(math.log(32), abs=0.2)  # small init: close to uniform
@@ -120,9 +121,9 @@ def test_num_params_by_hand():
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "rope"])
-def test_generate_past_block_size(variant):
-    model = tiny_gpt(**VARIANTS[variant]).eval()
-    prompt = torch.randint(0, 32, (2, 20))  # longer than block_size=16
+def test_generate_past_block_size(variant, device):
+    model = tiny_gpt(**VARIANTS[variant]).eval().to(device)
+    prompt = torch.randint(0, 32, (2, 20)).to(device)  # longer than block_size=16
     with pytest.raises(UserError, match="longer than block_size"):
         model(prompt)
     out = model.generate(prompt, max_new_tokens=5, top_k=10)
@@ -131,9 +132,9 @@ def test_generate_past_block_size(variant):
     assert out.min() >= 0 and out.max() < 32
 
 
-def test_generate_stream_matches_generate():
-    model = tiny_gpt().eval()
-    prompt = torch.randint(0, 32, (1, 3))
+def test_generate_stream_matches_generate(device):
+    model = tiny_gpt().eval().to(device)
+    prompt = torch.randint(0, 32, (1, 3)).to(device)
     torch.manual_seed(5)
     whole = model.generate(prompt, 6, temperature=0.9)
     torch.manual_seed(5)

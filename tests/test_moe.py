@@ -4,7 +4,7 @@ sum of expert MLPs, balance loss, z-loss, capacity), the router's precision and 
 modes, and a tiny MoE trained, resumed and sampled through train.py and sample.py.
 
 Layer-level tests run every implementation ('loop', the reference, and 'grouped'), so both are held to the
-same direct computations.
+same direct computations; they run on the GPU with --device=cuda.
 """
 import re
 import shutil
@@ -42,7 +42,8 @@ def tiny_moe_gpt(seed=0, **overrides):
 
 def add_to_router_logits(layer, bias_E):
     """Shift the router's logits by bias_E (a forward hook), to force routing decisions."""
-    return layer.router.register_forward_hook(lambda module, inputs, logits: logits + torch.tensor(bias_E))
+    return layer.router.register_forward_hook(
+        lambda module, inputs, logits: logits + torch.tensor(bias_E, device=logits.device))
 
 
 def capture_router(layer):
@@ -66,9 +67,9 @@ def direct_routing(x_TD, weight_ED, k, renorm=True):
 # ---------------------------------------------------------------- the MoE layer against direct computation
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_all_experts_gives_router_weighted_sum(impl):
-    layer = moe_layer(moe_top_k=4, moe_impl=impl)
-    x = torch.randn(2, 6, 32)
+def test_all_experts_gives_router_weighted_sum(impl, device):
+    layer = moe_layer(moe_top_k=4, moe_impl=impl).to(device)
+    x = torch.randn(2, 6, 32).to(device)
     with torch.no_grad():
         y_TD = layer(x).view(-1, 32)
         x_TD = x.view(-1, 32)
@@ -80,23 +81,23 @@ def test_all_experts_gives_router_weighted_sum(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
-def test_one_expert_is_the_dense_mlp(impl, mlp):
-    layer = moe_layer(n_experts=1, moe_top_k=1, expert_hidden=None, mlp=mlp, moe_impl=impl)
-    dense = MLP(layer.config)
+def test_one_expert_is_the_dense_mlp(impl, mlp, device):
+    layer = moe_layer(n_experts=1, moe_top_k=1, expert_hidden=None, mlp=mlp, moe_impl=impl).to(device)
+    dense = MLP(layer.config).to(device)
     with torch.no_grad():  # nn.Linear layout: the expert's weights copy straight in
         dense.c_fc.weight.copy_(layer.experts.c_fc[0])
         dense.c_fc.bias.copy_(layer.experts.c_fc_bias[0])
         dense.c_proj.weight.copy_(layer.experts.c_proj[0])
         dense.c_proj.bias.copy_(layer.experts.c_proj_bias[0])
-        x = torch.randn(3, 5, 32)
+        x = torch.randn(3, 5, 32).to(device)
         assert torch.allclose(layer(x), dense(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_topk_output_balance_and_z_against_direct_computation(impl, k):
-    layer = moe_layer(moe_top_k=k, moe_impl=impl)
-    x = torch.randn(2, 7, 32)
+def test_topk_output_balance_and_z_against_direct_computation(impl, k, device):
+    layer = moe_layer(moe_top_k=k, moe_impl=impl).to(device)
+    x = torch.randn(2, 7, 32).to(device)
     with torch.no_grad():
         y_TD = layer(x).view(-1, 32)
     x_TD = x.view(-1, 32)
@@ -198,14 +199,15 @@ def test_model_losses_combine_per_layer_stats():
 # ---------------------------------------------------------------- router precision and gradients
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_router_logits_are_float32_under_bf16_autocast(impl):
-    model = tiny_moe_gpt(moe_impl=impl)
+def test_router_logits_are_float32_under_bf16_autocast(impl, device):
+    model = tiny_moe_gpt(moe_impl=impl).to(device)
     seen = [capture_router(layer) for layer in model.moe_layers()]
     with torch.no_grad():
         for layer in model.moe_layers():
             layer.router.weight.normal_(0.0, 1.0)  # logits of order 1: bf16 rounding would be visible
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss, extra = model(torch.randint(0, 32, (2, 16)), torch.randint(0, 32, (2, 16)))
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            idx = torch.randint(0, 32, (2, 16)).to(device)
+            _, loss, extra = model(idx, torch.randint(0, 32, (2, 16)).to(device))
     assert torch.isfinite(loss) and extra["z"].dtype == torch.float32
     for layer, calls in zip(model.moe_layers(), seen):
         (x_TD, logits_TE), = calls
@@ -372,11 +374,11 @@ def test_load_stats():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_every_parameter_has_a_gradient_when_an_expert_gets_no_token(impl):
-    model = tiny_moe_gpt(moe_impl=impl, n_shared_experts=1)
+def test_every_parameter_has_a_gradient_when_an_expert_gets_no_token(impl, device):
+    model = tiny_moe_gpt(moe_impl=impl, n_shared_experts=1).to(device)
     for layer in model.moe_layers():
         add_to_router_logits(layer, [0.0, 0.0, 0.0, -1e4])  # expert 3 is never among the top 2
-    idx = torch.randint(0, 32, (2, 16))
+    idx = torch.randint(0, 32, (2, 16)).to(device)
     _, loss, extra = model(idx, idx)
     assert extra["expert_load"][:, 3].tolist() == [0.0, 0.0]
     (loss + extra["aux_loss"]).backward()
@@ -397,14 +399,14 @@ def test_capacity_serves_top1_before_top2():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_capacity_limits_tokens_per_expert(impl):
-    layer = moe_layer(capacity_factor=1.0, moe_impl=impl)  # capacity ceil(2*12/4) = 6
+def test_capacity_limits_tokens_per_expert(impl, device):
+    layer = moe_layer(capacity_factor=1.0, moe_impl=impl).to(device)  # capacity ceil(2*12/4) = 6
     add_to_router_logits(layer, [3.0, 1.5, 0.0, 0.0])  # experts 0 and 1 are over-subscribed
-    x = torch.randn(1, 12, 32)
+    x = torch.randn(1, 12, 32).to(device)
     with torch.no_grad():
         y_TD = layer(x).view(-1, 32)
     x_TD = x.view(-1, 32)
-    logits_TE = x_TD @ layer.router.weight.t() + torch.tensor([3.0, 1.5, 0.0, 0.0])
+    logits_TE = x_TD @ layer.router.weight.t() + torch.tensor([3.0, 1.5, 0.0, 0.0], device=device)
     w_TK, expert_TK = logits_TE.softmax(-1).topk(2, dim=-1)
     w_TK = w_TK / w_TK.sum(-1, keepdim=True)  # renormalised before any drop
     keep_TK = layer.capacity_mask(expert_TK)
@@ -415,20 +417,21 @@ def test_capacity_limits_tokens_per_expert(impl):
     assert not keep_TK.all()
     assert layer.stats["dropped"].item() == pytest.approx(1 - keep_TK.float().mean().item())
     with torch.no_grad():
+        none = torch.zeros(32, device=device)
         expected = torch.stack([sum(w_TK[t, j] * layer.experts.expert_mlp(expert_TK[t, j].item(), x_TD[t:t + 1])[0]
-                                    for j in range(2) if keep_TK[t, j]) if keep_TK[t].any() else torch.zeros(32)
+                                    for j in range(2) if keep_TK[t, j]) if keep_TK[t].any() else none
                                 for t in range(12)])
     assert torch.allclose(y_TD, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fully_dropped_token_passes_through(impl):
-    layer = moe_layer(n_experts=2, moe_top_k=1, capacity_factor=0.25, moe_impl=impl)  # capacity ceil(8/2/4) = 1
+def test_fully_dropped_token_passes_through(impl, device):
+    layer = moe_layer(n_experts=2, moe_top_k=1, capacity_factor=0.25, moe_impl=impl).to(device)  # capacity 1
     add_to_router_logits(layer, [100.0, 0.0])  # every token wants expert 0
     with torch.no_grad():
-        y = layer(torch.randn(1, 8, 32))[0]
+        y = layer(torch.randn(1, 8, 32).to(device))[0]
     assert y[0].abs().sum() > 0  # the first token is served
-    assert torch.equal(y[1:], torch.zeros(7, 32))  # the others add nothing: the block's residual is unchanged
+    assert torch.equal(y[1:], torch.zeros(7, 32, device=device))  # the others add nothing: the block's residual is unchanged
     assert layer.stats["dropped"].item() == pytest.approx(7 / 8)
 
 

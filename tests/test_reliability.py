@@ -488,6 +488,7 @@ BAD_INPUTS = [
     ("list-for-plain-key", "train.py", ["--n_head=[1, 2]"], None, ["'n_head'", "not a plain"]),
     ("expert_hidden-zero", "train.py", ["--n_experts=4", "--expert_hidden=0"], None, ["expert_hidden=0", ">= 1"]),
     ("moe_impl-unknown", "train.py", ["--moe_impl=fast"], None, ["moe_impl='fast'", "'loop'"]),
+    ("n_experts-over-the-grouped-kernel", "train.py", ["--n_experts=1024"], None, ["n_experts=1024", "1023"]),
     ("pos_emb-unknown", "train.py", ["--pos_emb=alibi"], None, ["pos_emb='alibi'", "'rope'"]),
     ("rope-odd-head-size", "train.py", ["--pos_emb=rope", "--n_embd=30", "--n_head=2"], None,
      ["even head size", "15"]),

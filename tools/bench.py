@@ -26,6 +26,7 @@ import torch
 from nanomoe.checkpoint import model_state, save_checkpoint
 from nanomoe.cli import run_cli
 from nanomoe.configurator import parse_args
+from nanomoe.data import to_device
 from nanomoe.device import autocast_context, gpu_peak_flops
 from nanomoe.distributed.parallel import setup_processes
 from nanomoe.errors import UserError
@@ -66,8 +67,8 @@ def make_step(variant, cfg, proc):
     shape = (cfg.batch_size, cfg.block_size)
 
     def step():
-        batches = [(torch.randint(cfg.vocab_size, shape, generator=gen).to(proc.device),
-                    torch.randint(cfg.vocab_size, shape, generator=gen).to(proc.device))
+        batches = [(to_device(torch.randint(cfg.vocab_size, shape, generator=gen), proc.device),
+                    to_device(torch.randint(cfg.vocab_size, shape, generator=gen), proc.device))
                    for _ in range(cfg.gradient_accumulation_steps)]
         train_step(runs, model, optimizer, scaler, batches, ctx, proc, cfg.grad_clip)
     return model, optimizer, step

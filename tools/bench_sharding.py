@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanomoe.cli import run_cli
 from nanomoe.configurator import parse_args
-from nanomoe.device import autocast_context
+from nanomoe.data import to_device
+from nanomoe.device import autocast_context, synchronize
 from nanomoe.distributed.parallel import (check_sharding, finish, gather_objects, join, local_tensor,
                                           setup_processes, shard)
 from nanomoe.factory import build_model, model_keys
@@ -49,10 +50,13 @@ def main():
     gen = torch.Generator().manual_seed(cfg.seed + proc.rank)
     times = []
     for step in range(3):  # the first step allocates Adam's moments; the others are timed
-        t0 = time.time()
-        x = torch.randint(0, raw.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen).to(proc.device)
+        synchronize(proc.device)  # the step queues its work on a GPU: time it from an idle device to the end
+        t0 = time.perf_counter()
+        x = to_device(torch.randint(0, raw.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen),
+                      proc.device)
         train_step(model, raw, optimizer, scaler, [(x, x)], ctx, proc, cfg.grad_clip)
-        times.append(time.time() - t0)
+        synchronize(proc.device)
+        times.append(time.perf_counter() - t0)
     trainable = sum(nbytes(p) for p in raw.parameters() if p.requires_grad)
     held = {"params": sum(nbytes(p) for p in raw.parameters()), "grads": trainable,
             "adam": sum(nbytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))}

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from nanomoe.layers.grouped_experts import grouped_experts
+from nanomoe.layers.grouped_experts import compute_dtype, grouped_experts
 
 
 class ExpertParallel:
@@ -36,25 +36,35 @@ class ExpertParallel:
         self.size = mesh["ep"].size()
         self.n_local = n_experts // self.size
         self.first = mesh["ep"].get_local_rank() * self.n_local  # global id of this rank's first expert
+        # the ranks holding the same experts (slicing a DeviceMesh is host work: done once, not every step)
+        self.dp_group, self.dp_size = mesh["dp"].get_group(), mesh["dp"].size()
 
     def __call__(self, moe, x_TD, expert_TK, weight_TK, keep_TK):
-        """MoE.forward's experts step: the routing-weighted sum of each token's kept experts, (T, D)."""
-        E = self.size * self.n_local
-        token_A, slot_A = torch.where(keep_TK)  # dropped assignments never travel
-        expert_A = expert_TK[token_A, slot_A]
-        order_A = expert_A.argsort(stable=True)  # by expert, so each destination rank's rows are together
-        token_A, slot_A, expert_A = token_A[order_A], slot_A[order_A], expert_A[order_A]
+        """MoE.forward's experts step: the routing-weighted sum of each token's kept experts, (T, D). One host
+        sync: the all_to_all takes its splits as Python ints."""
+        S, N, K = self.size, self.n_local, expert_TK.size(1)
+        # every assignment sorted by expert, so by destination rank too; the ones capacity dropped get the key
+        # E and sort last, so the first A (the kept ones) travel and no data-dependent nonzero is needed
+        key_A = torch.where(keep_TK, expert_TK, S * N).flatten()  # token-major, as torch.where(keep_TK) was
+        order_A = key_A.argsort(stable=True)
 
         # counts first (S ranks in the ep group, N experts on each): send_SN[s, n] rows go to rank s's expert n,
-        # recv_SN[s, n] rows come from rank s for our expert n. The splits are Python ints: one host sync
-        send_SN = torch.bincount(expert_A, minlength=E).view(self.size, self.n_local)
+        # recv_SN[s, n] rows come from rank s for our expert n. A static-shape count (bincount reads the min
+        # and max on the host)
+        send_SN = torch.zeros(S * N + 1, dtype=torch.long, device=x_TD.device).scatter_add_(
+            0, key_A, torch.ones_like(key_A))[:S * N].view(S, N)
         recv_SN = torch.empty_like(send_SN)
         dist.all_to_all_single(recv_SN, send_SN, group=self.group)
-        send_splits, recv_splits = send_SN.sum(1).tolist(), recv_SN.sum(1).tolist()
+        send_splits, recv_splits = torch.stack([send_SN.sum(1), recv_SN.sum(1)]).tolist()  # the one sync
+        order_A = order_A[:sum(send_splits)]
+        token_A, slot_A = order_A // K, order_A % K
 
-        # the rows: they arrive grouped by source rank, and by expert within each source
-        x_RD = all_to_all_single_autograd(x_TD[token_A], recv_splits, send_splits, self.group)
-        local_R = torch.arange(self.n_local, device=x_TD.device).repeat(self.size).repeat_interleave(recv_SN.flatten())
+        # the rows, in the dtype the experts compute in (bf16 under autocast: half the bytes of float32). They
+        # arrive grouped by source rank, and by expert within each source
+        x_AD = x_TD[token_A].to(compute_dtype(x_TD))
+        x_RD = all_to_all_single_autograd(x_AD, recv_splits, send_splits, self.group)
+        local_R = torch.arange(N, device=x_TD.device).repeat(S).repeat_interleave(
+            recv_SN.flatten(), output_size=sum(recv_splits))
         # x_RD: R rows for this rank's experts; local_R: which of them each row goes through
         out_RD = run_local_experts(moe, x_RD, local_R)
         out_AD = all_to_all_single_autograd(out_RD, send_splits, recv_splits, self.group)
@@ -103,12 +113,12 @@ def sync_expert_grads(model, world_size):
     """After the last micro-step's backward: sum the expert gradients over the ranks that hold the same experts
     (the mesh's dp dim) and divide by the world size, as DDP averages the dense ones. Each rank's expert already
     holds the gradient of every token its ep group sent it, so the sum covers every token of the step."""
-    mesh = mesh_of(model)
+    ep = model.moe_layers()[0].expert_parallel
     names = set(expert_param_names(model))
     grads = [p.grad for name, p in model.named_parameters() if name in names]
     flat = torch.cat([g.flatten() for g in grads])  # one all-reduce instead of one per tensor
-    if mesh["dp"].size() > 1:
-        dist.all_reduce(flat, group=mesh["dp"].get_group())
+    if ep.dp_size > 1:
+        dist.all_reduce(flat, group=ep.dp_group)
     flat /= world_size
     for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(synced.view_as(g))
@@ -124,7 +134,7 @@ def clip_grad_norm_(model, max_norm):
         if p.grad is not None:
             (expert if name in experts else dense).append(p)
     expert_sq = torch.nn.utils.get_total_norm([p.grad for p in expert]).square()
-    dist.all_reduce(expert_sq, group=mesh_of(model)["ep"].get_group())
+    dist.all_reduce(expert_sq, group=model.moe_layers()[0].expert_parallel.group)
     dense_norm = torch.nn.utils.get_total_norm([p.grad for p in dense])
     if isinstance(dense_norm, DTensor):
         dense_norm = dense_norm.full_tensor()

@@ -105,8 +105,11 @@ class Mamba2(nn.Module):
             if cache is not None:
                 cache.put(self.layer_idx, "ssm", state_BHPN)
             y_BTHP = y_BTHP + self.D.to(ssm)[:, None] * x_BTHP
-            # gated RMSNorm: the gate SiLU(z) before the norm, as Mamba2 does
-            y = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm)))
+            # gated RMSNorm: the gate SiLU(z) before the norm, as Mamba2 does. Its weight in the scan's dtype too:
+            # FSDP's bf16 MixedPrecisionPolicy hands it over in bf16, and a weight of another dtype than the
+            # input leaves rms_norm's fused kernel for a slow path that warns on every call
+            y = F.rms_norm(y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm)), (self.d_inner,),
+                           self.norm.weight.to(ssm), self.norm.eps)
         return self.dropout(self.c_proj(y.type_as(u)))
 
     def causal_conv(self, xBC, cache):
