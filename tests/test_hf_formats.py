@@ -55,6 +55,9 @@ FAMILIES = {  # a model of ours for each format (and the variants a format's opt
     "deepseek_v3-aux_free": dict(MLA, n_experts=4, moe_top_k=2, router_score="sigmoid", balance_mode="aux_free",
                                  n_shared_experts=1, first_dense_layers=1, n_layer=3),
     "deepseek_v3-top1": dict(MLA, q_latent_dim=16, n_experts=4, moe_top_k=1, router_score="sigmoid"),
+    # softmax scores: DeepSeek-V2, whose top-k weights are never renormalised
+    "deepseek_v2": dict(MLA, n_experts=4, moe_top_k=2, moe_renorm=False, n_shared_experts=1, first_dense_layers=1,
+                        n_layer=3),
 }
 
 
@@ -120,7 +123,8 @@ def test_export_gives_our_logits_routing_and_weights_back(name, idx, tmp_path):
     hf = hf_load(tmp_path / "hf")
     assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[fmt]
+                                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                                 "deepseek_v2": "DeepseekV2ForCausalLM"}[fmt]
     diff = (logits(hf, idx) - logits(model, idx)).abs().max().item()
     assert diff <= 1e-5, diff
     ours, theirs = routing(model, idx), routing(hf, idx)
@@ -152,7 +156,8 @@ def test_export_in_bfloat16_is_close(name, idx, tmp_path):
 BLOCKS = {"mixtral": ("MixtralConfig", "modeling_mixtral", "MixtralSparseMoeBlock"),
           "qwen2_moe": ("Qwen2MoeConfig", "modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
           "qwen3_moe": ("Qwen3MoeConfig", "modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
-          "deepseek_v3": ("DeepseekV3Config", "modeling_deepseek_v3", "DeepseekV3MoE")}
+          "deepseek_v3": ("DeepseekV3Config", "modeling_deepseek_v3", "DeepseekV3MoE"),
+          "deepseek_v2": ("DeepseekV2Config", "modeling_deepseek_v2", "DeepseekV2Moe")}
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n.split("-")[0] in BLOCKS and "n_experts" in FAMILIES[n]])
@@ -202,6 +207,9 @@ HF_MODELS = {
         DEEPSEEK, rope_interleave=False, num_experts_per_tok=1, norm_topk_prob=False, first_k_dense_replace=0,
         n_shared_experts=0)),
     "deepseek_v3-dense": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, first_k_dense_replace=2)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        {k: v for k, v in DEEPSEEK.items() if k not in ("n_group", "topk_group")}, q_lora_rank=16,
+        norm_topk_prob=False, num_hidden_layers=3)),
 }
 DENSE_FAMILIES = ("llama", "qwen3", "deepseek_v3-dense")
 
@@ -357,7 +365,7 @@ REFUSED = [  # (format or None = picked, model_args changes, words of the one er
     (None, dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, n_experts=4),
      ["closest, gpt2", "has no experts"]),
     ("mixtral", dict(n_experts=4, bias=True), ["no biases"]),
-    ("mixtral", dict(n_experts=4, n_shared_experts=1), ["no shared experts", "formats with: qwen2_moe, deepseek_v3)"]),
+    ("mixtral", dict(n_experts=4, n_shared_experts=1), ["no shared experts", "formats with: qwen2_moe, deepseek_v3, deepseek_v2)"]),
     ("mixtral", dict(n_experts=4, moe_every=2), ["dense layers"]),
     ("llama", dict(n_experts=4), ["LlamaForCausalLM has no experts"]),
     ("llama", dict(norm="layernorm"), ["RMSNorm"]),
@@ -370,12 +378,15 @@ REFUSED = [  # (format or None = picked, model_args changes, words of the one er
     (None, dict(mamba_layers=[1]), ["Mamba"]),
     # DeepSeek-V3: MLA goes nowhere else, and it has neither softmax scores nor DeepSeek's eps for other eps
     ("mixtral", dict(DEEPSEEK_MOE, n_kv_head=None), ["no multi-head latent attention", "deepseek_v3"]),
-    (None, dict(n_experts=4, router_score="sigmoid"), ["no sigmoid router scores", "formats with: deepseek_v3)"]),
+    (None, dict(n_experts=4, router_score="sigmoid"), ["no sigmoid router scores", "(formats with: deepseek_v3)"]),
     (None, dict(n_experts=4, balance_mode="aux_free"), ["no aux-free routing bias", "formats with: deepseek_v3)"]),
     ("deepseek_v3", dict(DEEPSEEK_MOE, router_score="softmax"), ["no softmax router scores"]),
     ("deepseek_v3", dict(DEEPSEEK_MOE, norm_eps=1e-5), ["eps 1e-6", "norm_eps=1e-05"]),
     ("deepseek_v3", dict(DEEPSEEK_MOE, moe_every=2, n_layer=4), ["MoE in layers [1, 3]", "first_dense_layers"]),
     ("deepseek_v3", dict(DEEPSEEK_MOE, bias=True), ["no biases"]),
+    ("deepseek_v2", dict(DEEPSEEK_MOE, router_score="softmax", moe_top_k=2), ["renormalises its top-2",
+                                                                               "moe_renorm=False"]),
+    ("deepseek_v2", dict(DEEPSEEK_MOE, moe_renorm=False), ["DeepseekV2ForCausalLM has no sigmoid"]),
 ]
 
 
@@ -402,6 +413,7 @@ def test_pick_format_follows_the_architecture():
     assert pick_format({**base, **QWEN3}) == "qwen3_moe"
     assert pick_format({**dense, **MLA}) == "deepseek_v3"
     assert pick_format({**base, **DEEPSEEK_MOE, "balance_mode": "aux_free", "n_shared_experts": 1}) == "deepseek_v3"
+    assert pick_format({**base, **DEEPSEEK_MOE, "router_score": "softmax", "moe_renorm": False}) == "deepseek_v2"
 
 
 def test_export_notes_the_gpt2_tokenizer(tmp_path):

@@ -2,7 +2,7 @@
 Hugging Face formats in and out: the one place that picks the format. train.py (init_from='gpt2' or
 'hf:/path') and tools/export.py use it; each family's file knows its layout: gpt2.py (GPT2LMHeadModel),
 llama.py (LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM), qwen3.py (Qwen3ForCausalLM,
-Qwen3MoeForCausalLM), deepseek.py (DeepseekV3ForCausalLM).
+Qwen3MoeForCausalLM), deepseek.py (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM).
 
     model = load_hf("hf:/path/to/folder")             # a GPT or an MoEGPT, whichever the folder holds
     export_checkpoint(ckpt, "out/hf")                 # the format the checkpoint's architecture has
@@ -18,6 +18,7 @@ needs and cannot have; each family's family_problems adds its finer limits (back
     that backbone with QK-norm, dense / MoE (no shared)    -> qwen3, qwen3_moe   Qwen3(Moe)ForCausalLM
     MLA, dense or MoE with sigmoid scores (+ aux-free bias, shared experts, first dense layers)
                                                            -> deepseek_v3  DeepseekV3ForCausalLM
+    MLA, MoE with softmax scores not renormalised          -> deepseek_v2  DeepseekV2ForCausalLM
 Anything without an exact equivalent is refused before anything is written, with one line naming it.
 """
 import json
@@ -37,7 +38,7 @@ from nanomoe.hf.common import HUB_NAMES, folder_model_type, load_config, load_pr
     transformers_module
 
 FAMILIES = {"gpt2": gpt2, "llama": llama, "mixtral": llama, "qwen2_moe": llama, "qwen3": qwen3,
-            "qwen3_moe": qwen3, "deepseek_v3": deepseek}
+            "qwen3_moe": qwen3, "deepseek_v3": deepseek, "deepseek_v2": deepseek}
 FORMATS = tuple(FAMILIES)  # pick_format's order: the first that holds a model exactly
 ARCHITECTURES = {fmt: FAMILIES[fmt].ARCHITECTURES[fmt] for fmt in FORMATS}
 
@@ -56,7 +57,7 @@ FEATURES = {
     "aux_free": ("aux-free routing bias (balance_mode='aux_free')",
                  lambda a: a.get("n_experts", 0) > 0 and a.get("balance_mode") == "aux_free"),
 }
-NO = dict(shared=False, sigmoid=False, aux_free=False)  # what only DeepSeek-V3 (and Qwen2-MoE: shared) has
+NO = dict(shared=False, sigmoid=False, aux_free=False)  # what DeepSeek has (and Qwen2-MoE: shared experts)
 # format -> {feature: True (needs it) or False (cannot hold it)}; a feature not named may be either way
 HOLDS = {
     "gpt2": dict(experts=False, qk_norm=False, mla=False),
@@ -66,6 +67,7 @@ HOLDS = {
     "qwen3": dict(experts=False, qk_norm=True, mla=False, bias=False),
     "qwen3_moe": dict(NO, experts=True, qk_norm=True, mla=False, bias=False),
     "deepseek_v3": dict(mla=True, qk_norm=False, bias=False, softmax=False),
+    "deepseek_v2": dict(mla=True, qk_norm=False, bias=False, sigmoid=False, aux_free=False),
 }
 # Settings no Hugging Face format here has an equivalent for, whichever family: (setting, its value in a model
 # without it, whether a value exports, what the formats lack)

@@ -205,7 +205,7 @@ def backbone_args(c, problems):
         problems.append(f"rope_type={rope.get('rope_type')!r} (only the default RoPE)")
     if getattr(c, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={c.hidden_act!r} (only silu: SwiGLU)")
-    if c.model_type != "deepseek_v3" and ((getattr(c, "head_dim", None) or D // H) != D // H or D % H):
+    if not c.model_type.startswith("deepseek") and ((getattr(c, "head_dim", None) or D // H) != D // H or D % H):
         problems.append(f"head_dim={c.head_dim} (only hidden_size / num_attention_heads = {D // H})")
     if not getattr(c, "tie_word_embeddings", True):
         problems.append("tie_word_embeddings=False (an output head not tied to the token embedding; ours are tied)")
