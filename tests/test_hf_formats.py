@@ -244,7 +244,8 @@ def test_import_gives_transformers_logits_and_greedy_tokens(family, idx, tmp_pat
     diff = (logits(model, idx) - logits(hf, idx)).abs().max().item()
     assert diff <= 1e-5, diff
     prompt = idx[:1, :8]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0)
     ours = model.generate(prompt, max_new_tokens=12, top_k=1)  # top_k=1: sampling is the argmax
     assert torch.equal(ours, theirs)
 
@@ -365,7 +366,8 @@ REFUSED = [  # (format or None = picked, model_args changes, words of the one er
     (None, dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, n_experts=4),
      ["closest, gpt2", "has no experts"]),
     ("mixtral", dict(n_experts=4, bias=True), ["no biases"]),
-    ("mixtral", dict(n_experts=4, n_shared_experts=1), ["no shared experts", "formats with: qwen2_moe, deepseek_v3, deepseek_v2)"]),
+    ("mixtral", dict(n_experts=4, n_shared_experts=1),
+     ["no shared experts", "formats with: qwen2_moe, deepseek_v3, deepseek_v2)"]),
     ("mixtral", dict(n_experts=4, moe_every=2), ["dense layers"]),
     ("llama", dict(n_experts=4), ["LlamaForCausalLM has no experts"]),
     ("llama", dict(norm="layernorm"), ["RMSNorm"]),

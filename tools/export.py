@@ -11,7 +11,7 @@ architecture (nanomoe/hf/formats.py has the table); --format names one, and must
 
 gpt2 (learned positions, LayerNorm, GELU), llama (RoPE, RMSNorm, SwiGLU), mixtral and qwen2_moe (that backbone
 with experts), qwen3 and qwen3_moe (with QK-norm) and deepseek_v3 (MLA, sigmoid routing, the aux-free bias)
-compute our logits (docs/formats.md has the table). A model with no exact equivalent in the format (GELU
+compute our logits (docs/hf.md has the table). A model with no exact equivalent in the format (GELU
 experts with biases, capacity, ...) is refused with one line naming what is missing, and nothing is written.
 """
 import os
