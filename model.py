@@ -1,9 +1,10 @@
 """
 The dense GPT: nanoGPT's model with options. GPT-2 by default (learned positions, LayerNorm, GELU MLP, tied
 head: GPT-2's own weights compute transformers' logits); behind config flags: RoPE, grouped-query attention,
-QK-norm, RMSNorm, SwiGLU, and three optional layers from nanomoe/layers/: multi-head latent attention (mla.py), hashed
-n-gram input embeddings (fgram.py) and Mamba2 in attention's place in chosen layers (mamba2.py). Generation
-keeps a GenerationCache (cache.py), so a new token costs one position's work instead of the whole context's.
+QK-norm, RMSNorm, SwiGLU, and three optional layers from nanomoe/layers/: multi-head latent attention
+(mla.py), hashed n-gram input embeddings (fgram.py) and Mamba2 in attention's place in chosen layers
+(mamba2.py). Generation keeps a GenerationCache (cache.py), so a new token costs one position's work instead
+of the whole context's.
 
 Two hooks let a subclass change what it needs and nothing else (moe_model.py does): make_ffn(layer_idx)
 builds each layer's feed-forward block, and extra_losses() returns what it adds to the loss (the dense model

@@ -10,9 +10,10 @@ architecture (nanomoe/hf/formats.py has the table); --format names one, and must
     model = AutoModelForCausalLM.from_pretrained("out-shakespeare-char/hf")
 
 gpt2 (learned positions, LayerNorm, GELU), llama (RoPE, RMSNorm, SwiGLU), mixtral and qwen2_moe (that backbone
-with experts), qwen3 and qwen3_moe (with QK-norm) and deepseek_v3 (MLA, sigmoid routing, the aux-free bias)
-compute our logits (docs/hf.md has the table). A model with no exact equivalent in the format (GELU
-experts with biases, capacity, ...) is refused with one line naming what is missing, and nothing is written.
+with experts), qwen3 and qwen3_moe (with QK-norm), deepseek_v3 (MLA, sigmoid routing, the aux-free bias) and
+deepseek_v2 (MLA, softmax routing) compute our logits (docs/hf.md has the table). A model with no exact
+equivalent in the format (GELU experts with biases, capacity, ...) is refused with one line naming what is
+missing, and nothing is written.
 """
 import os
 import signal

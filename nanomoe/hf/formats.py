@@ -99,7 +99,8 @@ def load_hf(name_or_path, settings=None):
     if model_type == "gpt2":
         return gpt2.load_gpt2(source, dropout=settings.get("dropout", 0.0))
     if model_type not in FORMATS:
-        raise UserError(f"'{source}' holds a {model_type!r} model; init_from reads {', '.join(FORMATS)}")
+        what = f"a {model_type!r} model" if model_type else "a config.json that names no model_type"
+        raise UserError(f"'{source}' holds {what}; init_from reads {', '.join(FORMATS)}")
     family = FAMILIES[model_type]
     config = load_config(source)
     args = family.model_args_from_hf(config, source)  # before the weights: a refused folder allocates nothing

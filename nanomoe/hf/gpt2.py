@@ -105,6 +105,8 @@ def export_hf(model, folder):
     if hasattr(model, "moe_layers"):
         raise UserError("an MoE model cannot be written in GPT-2 (Hugging Face) format: GPT-2 has no experts")
     c = model.config
+    if c.qk_norm or c.attn != "mha":  # formats.HOLDS says so for export_checkpoint; this function is public too
+        raise UserError("the GPT-2 format has plain multi-head attention (no qk_norm, no attn='mla')")
     problems = family_problems(asdict(c))
     if problems:
         raise UserError(problems[0])
