@@ -57,15 +57,14 @@ FEATURES = {
     "aux_free": ("aux-free routing bias (balance_mode='aux_free')",
                  lambda a: a.get("n_experts", 0) > 0 and a.get("balance_mode") == "aux_free"),
 }
-NO = dict(shared=False, sigmoid=False, aux_free=False)  # what DeepSeek has (and Qwen2-MoE: shared experts)
 # format -> {feature: True (needs it) or False (cannot hold it)}; a feature not named may be either way
 HOLDS = {
     "gpt2": dict(experts=False, qk_norm=False, mla=False),
     "llama": dict(experts=False, qk_norm=False, mla=False),
-    "mixtral": dict(NO, experts=True, qk_norm=False, mla=False, bias=False),
-    "qwen2_moe": dict(NO, shared=None, experts=True, qk_norm=False, mla=False, bias=False),
+    "mixtral": dict(experts=True, qk_norm=False, mla=False, bias=False, shared=False, sigmoid=False, aux_free=False),
+    "qwen2_moe": dict(experts=True, qk_norm=False, mla=False, bias=False, sigmoid=False, aux_free=False),
     "qwen3": dict(experts=False, qk_norm=True, mla=False, bias=False),
-    "qwen3_moe": dict(NO, experts=True, qk_norm=True, mla=False, bias=False),
+    "qwen3_moe": dict(experts=True, qk_norm=True, mla=False, bias=False, shared=False, sigmoid=False, aux_free=False),
     "deepseek_v3": dict(mla=True, qk_norm=False, bias=False, softmax=False),
     "deepseek_v2": dict(mla=True, qk_norm=False, bias=False, sigmoid=False, aux_free=False),
 }
@@ -146,7 +145,7 @@ def format_problems(args, fmt):
     problems = []
     for feature, needed in HOLDS[fmt].items():
         what, has = FEATURES[feature]
-        if needed is None or bool(has(args)) == needed:
+        if bool(has(args)) == needed:
             continue
         # the formats that hold what this model has here (of those with or without experts, as it is)
         others = [f for f in FORMATS if HOLDS[f].get(feature) in (None, not needed)

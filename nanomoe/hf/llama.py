@@ -87,12 +87,6 @@ def renormalises(args):
     return MoEConfig.from_dict(args).renormalises()
 
 
-def fits_mixtral(args):
-    """An MoE that Mixtral represents: experts in every layer, renormalised top-k, no shared experts."""
-    return (args["n_shared_experts"] == 0 and args["moe_every"] == 1 and args.get("first_dense_layers", 0) == 0
-            and renormalises(args))
-
-
 def family_problems(args, family):
     """Why model_args `args` has no exact equivalent in `family` beyond the features formats.py compares
     (experts, QK-norm, MLA, shared experts, ...); [] if it has one."""
