@@ -1,9 +1,10 @@
 """
 The dense GPT: nanoGPT's model with options. GPT-2 by default (learned positions, LayerNorm, GELU MLP, tied
 head: GPT-2's own weights compute transformers' logits); behind config flags: RoPE, grouped-query attention,
-RMSNorm, SwiGLU, and three optional layers from nanomoe/layers/: multi-head latent attention (mla.py), hashed
-n-gram input embeddings (fgram.py) and Mamba2 in attention's place in chosen layers (mamba2.py). Generation
-keeps a GenerationCache (cache.py), so a new token costs one position's work instead of the whole context's.
+QK-norm, RMSNorm, SwiGLU, and three optional layers from nanomoe/layers/: multi-head latent attention
+(mla.py), hashed n-gram input embeddings (fgram.py) and Mamba2 in attention's place in chosen layers
+(mamba2.py). Generation keeps a GenerationCache (cache.py), so a new token costs one position's work instead
+of the whole context's.
 
 Two hooks let a subclass change what it needs and nothing else (moe_model.py does): make_ffn(layer_idx)
 builds each layer's feed-forward block, and extra_losses() returns what it adds to the loss (the dense model
@@ -40,6 +41,8 @@ class GPTConfig:
     pos_emb: str = setting("learned", "'learned' (GPT-2) or 'rope'", choices=("learned", "rope"))
     rope_theta: float = setting(10000.0, "RoPE base", above=0)
     norm: str = setting("layernorm", "'layernorm' or 'rmsnorm'", choices=("layernorm", "rmsnorm"))
+    norm_eps: float = setting(1e-5, "eps of every norm (Llama 2, Mixtral: 1e-5; Qwen, DeepSeek: 1e-6)", above=0)
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before RoPE (Qwen3; mha only)")
     mlp: str = setting("gelu", "'gelu' (4x hidden), 'gelu_tanh' (GPT-2's own tanh GELU) or 'swiglu'",
                        choices=("gelu", "gelu_tanh", "swiglu"))
     attn: str = setting("mha", "'mha' (multi-head, or grouped-query with n_kv_head) or 'mla' (multi-head latent "
@@ -79,6 +82,9 @@ class GPTConfig:
             raise UserError(f"pos_emb='rope' needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if self.attn == "mla":
             check_mla_config(self)
+            if self.qk_norm:
+                raise UserError("qk_norm=True normalises each head's keys, which MLA builds from a shared latent "
+                                "(its latent is normalised already); use attn='mha' or qk_norm=False")
         check_fgram_config(self)
         if self.mamba_layers:
             check_mamba_config(self)
@@ -94,10 +100,10 @@ class GPTConfig:
 
 
 def make_norm(config):
+    # eps: config.norm_eps, 1e-5 unless set (nn.RMSNorm's default would be float32's machine epsilon)
     if config.norm == "rmsnorm":
-        # eps 1e-5, as Llama 2 and Mixtral use (nn.RMSNorm's default would be float32's machine epsilon)
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def mlp_hidden_size(config):
@@ -125,6 +131,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised, with gains, before RoPE
+            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
         self.use_rope = config.pos_emb == "rope"
         if self.use_rope:
             add_rope_buffers(self, self.head_size, config)
@@ -136,6 +146,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = rope_tables(self, T, cache)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

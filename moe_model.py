@@ -58,6 +58,8 @@ class MoEConfig(GPTConfig):
     moe_top_k: int = setting(2, "experts per token", min=1)
     moe_every: int = setting(1, "MoE in every N-th layer: 1 = all, 2 = every other one starting with the "
                                 "second", min=1)
+    first_dense_layers: int = setting(0, "the first N layers keep the dense MLP (DeepSeek-V3's "
+                                         "first_k_dense_replace)", min=0)
     expert_hidden: int | None = setting(None, "hidden size of each expert (None = the dense MLP's)", min=1)
     n_shared_experts: int = setting(0, "always-on experts every token goes through (DeepSeekMoE)", min=0)
     balance_loss_weight: float = setting(0.01, "weight of the balance loss (= Hugging Face's * moe_top_k)",
@@ -89,6 +91,9 @@ class MoEConfig(GPTConfig):
         if self.n_experts >= 1024:  # torch's CUDA grouped GEMM (CUTLASS and cuBLASLt) takes under 1024 groups
             raise UserError(f"n_experts={self.n_experts} is more than the 1023 experts per layer that torch's "
                             f"grouped GEMM runs on a GPU; use --n_experts=1023 or fewer")
+        if self.first_dense_layers and not any(map(self.is_moe_layer, range(self.n_layer))):
+            raise UserError(f"first_dense_layers={self.first_dense_layers} leaves no MoE layer of n_layer="
+                            f"{self.n_layer} (moe_every={self.moe_every}); use fewer first_dense_layers")
         if self.moe_top_k > self.n_experts:
             raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
         if self.moe_renorm and self.moe_top_k == 1:
@@ -105,7 +110,7 @@ class MoEConfig(GPTConfig):
         return self.moe_renorm if self.moe_renorm is not None else self.moe_top_k > 1
 
     def is_moe_layer(self, layer_idx):
-        return (layer_idx + 1) % self.moe_every == 0
+        return layer_idx >= self.first_dense_layers and (layer_idx + 1) % self.moe_every == 0
 
     def hidden(self):
         return self.expert_hidden or mlp_hidden_size(self)

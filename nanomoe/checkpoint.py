@@ -30,7 +30,7 @@ import torch
 
 from nanomoe.errors import UserError
 from nanomoe.factory import build_model, model_keys
-from nanomoe.files import atomic_write, replace_durably, temp_path
+from nanomoe.files import atomic_write, check_writable_folder, replace_durably, temp_path
 
 
 def clean_state_dict(state_dict):
@@ -190,15 +190,7 @@ def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
 
 def check_out_dir(out_dir):
     """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"out_dir '{out_dir}' is a file, not a folder (choose another --out_dir)")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"cannot create out_dir '{out_dir}': '{existing}' is a file (choose another --out_dir)")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"out_dir '{out_dir}' is not writable (choose another --out_dir or fix its permissions)")
+    check_writable_folder(out_dir, "out_dir")
 
 
 def open_out_dir(out_dir):

@@ -47,9 +47,33 @@ def atomic_write(path, mode="wb", **open_kwargs):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             raise UserError(disk_full_message(path)) from None
         raise
+
+
+def is_disk_full(e):
+    """e says the disk (or the quota) is full: an OSError, or a library writing from native code
+    (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+
+def check_writable_folder(path, key):
+    """Fail before anything is written if the folder `path` (the setting `key`) cannot be used: empty, a file,
+    under a file, or where we may not write (permissions, a read-only filesystem). It need not exist yet."""
+    if not path:
+        raise UserError(f"{key} is empty: name a folder (--{key}=path)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key} '{path}' is a file, not a folder (choose another --{key})")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another --{key})")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{key} '{path}' is not writable (choose another --{key} or fix its permissions)")
 
 
 def disk_full_message(path):

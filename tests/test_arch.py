@@ -1,7 +1,7 @@
 """
 The attention variants, the generation cache and F-gram embeddings (nanomoe/layers/) on tiny configs:
-generation with the cache equals generation without it (MHA/GQA/MLA x learned/RoPE x dense/MoE, across
-block_size), MLA against the paper's equations written out, cache bytes per token, the F-gram hash and its
+generation with the cache equals generation without it (MHA/GQA with QK-norm/MLA x learned/RoPE x dense/MoE,
+across block_size), MLA against the paper's equations written out, cache bytes per token, the F-gram hash and its
 zero-initialised tables. (Causality: test_model.py; resume bit-exact with MLA and F-gram: test_reliability.py.)
 The cache tests run on the GPU with --device=cuda.
 """
@@ -17,7 +17,7 @@ from nanomoe.layers.fgram import ngram_hash
 
 TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 MLA = dict(attn="mla", kv_latent_dim=12, d_rope=4)
-ATTN = {"mha": {}, "gqa": dict(n_kv_head=2), "mla": MLA, "mla_q": dict(MLA, q_latent_dim=16)}
+ATTN = {"mha": {}, "gqa": dict(n_kv_head=2, qk_norm=True), "mla": MLA, "mla_q": dict(MLA, q_latent_dim=16)}
 
 
 def tiny(seed=0, moe=False, **overrides):

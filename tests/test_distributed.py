@@ -60,7 +60,7 @@ def join_gloo(rank, world_size, init_file):
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--eval_iters=2",
         "--decay_lr=False", "--dropout=0.0"]
-DENSE = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4"]
+DENSE = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4", "--qk_norm=True"]
 # 8 tokens per micro-step cannot reach 16 experts with top-1 routing: on every rank, in every backward, at
 # least half the experts get no token, and DDP must still find a gradient for all their weights
 MOE_SPARSE = ["--n_experts=16", "--moe_top_k=1", "--block_size=8", "--batch_size=1",
@@ -377,7 +377,7 @@ def test_a_training_step_waits_for_the_device_only_for_the_expert_parallel_split
 
 SHAPES = {"dense": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0),
           "moe": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=8,
-                      moe_top_k=1, balance_mode="aux_free", bias_update_rate=0.01),
+                      moe_top_k=1, balance_mode="aux_free", bias_update_rate=0.01, qk_norm=True),
           # f of the balance loss counted over the whole step, every micro-batch of both ranks
           "moe_global": dict(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=4,
                              moe_top_k=2, balance_scope="global", balance_loss_weight=1.0)}

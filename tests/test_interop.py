@@ -3,6 +3,7 @@ Hugging Face GPT-2 interop (nanomoe/hf/gpt2.py and formats.py, tools.export, tra
 sparse upcycling. Offline: the "pretrained" GPT-2 is a tiny random transformers model saved to a temp folder.
 """
 import json
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -109,6 +110,17 @@ def test_load_gpt2_errors_are_readable(tmp_path):
         load_gpt2(f"hf:{tmp_path}")
 
 
+def test_load_gpt2_refuses_a_folder_missing_a_tensor(hf_dir, tmp_path):
+    """transformers would start the missing tensor from random values, and training would go on with them."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(hf_dir, tmp_path / "damaged")
+    tensors = load_file(str(tmp_path / "damaged" / "model.safetensors"))
+    del tensors["transformer.h.1.attn.c_proj.weight"]
+    save_file(tensors, str(tmp_path / "damaged" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"lacks transformer\.h\.1\.attn\.c_proj\.weight.*random values"):
+        load_gpt2(f"hf:{tmp_path / 'damaged'}")
+
+
 # top-k > 1 only: with top-1 the gate is the router's probability (renormalising it would make it 1.0 and
 # starve the router, so MoEConfig refuses that), and the upcycled model is the dense one scaled per token
 @pytest.mark.parametrize("top_k, every, impl", [(2, 1, "loop"), (2, 2, "loop"), (2, 1, "grouped"), (4, 1, "loop")])
@@ -186,5 +198,5 @@ def test_export_cli_writes_what_transformers_loads(tmp_path, runs):
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
     assert (hf_logits(tmp_path / "hf", idx) - our_logits(model, idx)).abs().max() <= 1e-5
 
-    assert_user_error(moe, "MoE", "no experts")
+    assert_user_error(moe, "GPT2LMHeadModel has no experts")
     assert not (runs["moe"] / "hf").exists()

@@ -1,6 +1,6 @@
 """
 The dense GPT (model.py) on tiny configs: causality (every attention, embedding and layer option, dense and
-MoE), the modern options (RoPE, GQA, RMSNorm, SwiGLU), weight tying, parameter counts and the MFU formula,
+MoE), the modern options (RoPE, GQA, QK-norm, RMSNorm, SwiGLU), weight tying, parameter counts and the MFU formula,
 generation past block_size, crop_block_size. Invalid settings are in test_reliability.py's table, where a
 person meets them. The tests that take `device` run on the GPU with --device=cuda.
 """
@@ -25,7 +25,7 @@ VARIANTS = {
     "rmsnorm": dict(norm="rmsnorm", bias=False),
     "swiglu": dict(mlp="swiglu"),
     "gelu_tanh": dict(mlp="gelu_tanh"),
-    "all": dict(pos_emb="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False),
+    "all": dict(pos_emb="rope", n_kv_head=2, qk_norm=True, norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-6),
 }
 
 

@@ -70,7 +70,7 @@ def test_grouped_equals_loop_when_an_expert_gets_no_tokens(device):
 
 
 @pytest.mark.slow  # torch.compile's first trace takes seconds
-@pytest.mark.parametrize("routing", [{}, dict(router_score="sigmoid", balance_mode="aux_free")])
+@pytest.mark.parametrize("routing", [{}, dict(router_score="sigmoid", balance_mode="aux_free", qk_norm=True)])
 def test_compile_fullgraph_grouped_forward_backward(routing):
     # aot_eager traces the whole graph (Dynamo + AOTAutograd, so any graph break fails fullgraph=True)
     # without the minute-long C++ code generation of the default backend on a CPU

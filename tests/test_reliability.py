@@ -48,8 +48,8 @@ def trained(shakespeare_data, tmp_path_factory):
 
 # (settings, saves after which to kill each attempt, state that must have moved): runs whose every random
 # state, optimizer and buffer a resume must restore. dropout > 0 makes a test fail if any random state is not
-# restored; 2 micro-steps per step, router jitter, the aux-free bias (a buffer that moves every step), MLA and
-# F-gram, a Mamba2 layer
+# restored; 2 micro-steps per step, router jitter, the aux-free bias (a buffer that moves every step) with
+# QK-norm and a first dense layer, MLA and F-gram, a Mamba2 layer
 MAMBA = ["--mamba_layers=[0]", "--mamba2_num_heads=4", "--mamba2_head_dim=16", "--mamba2_state_size=8",
          "--mamba2_chunk_size=8", "--mamba2_expand=2"]
 RESUMED_RUNS = {
@@ -57,7 +57,8 @@ RESUMED_RUNS = {
                "--lr_decay_iters=12", "--gradient_accumulation_steps=2"], [3, 4], "lm_head.weight"),
     "moe": (["--max_iters=8", "--eval_interval=4", "--n_experts=4", "--moe_top_k=2", "--dropout=0.1",
              "--router_jitter=0.1", "--learning_rate=1e-2", "--router_score=sigmoid", "--balance_mode=aux_free",
-             "--bias_update_rate=0.01"], [3], "transformer.h.0.mlp.expert_bias"),
+             "--bias_update_rate=0.01", "--qk_norm=True", "--first_dense_layers=1"], [3],
+            "transformer.h.1.mlp.expert_bias"),
     "mla-fgram": (["--max_iters=6", "--eval_interval=3", "--attn=mla", "--kv_latent_dim=16", "--d_rope=8",
                    "--q_latent_dim=16", "--fgram_max_n=3", "--fgram_buckets=256", "--dropout=0.1"], [2],
                   "transformer.fgram.tables.1"),
@@ -612,6 +613,12 @@ BAD_INPUTS = [
     ("ep_size-zero", "train.py", ["--ep_size=0"], None, ["ep_size=0", ">= 1"]),
     ("ep_size-no-moe-layer", "train.py", ["--ep_size=2", "--n_experts=4", "--moe_every=3"], None,
      ["n_layer=2 and moe_every=3", "has none"]),
+    # QK-norm, norm eps, dense first layers
+    ("qk_norm-with-mla", "train.py", ["--attn=mla", "--kv_latent_dim=16", "--d_rope=8", "--qk_norm=True"], None,
+     ["qk_norm=True", "attn='mha' or qk_norm=False"]),
+    ("norm_eps-zero", "train.py", ["--norm_eps=0"], None, ["norm_eps=0", "> 0"]),
+    ("first_dense_layers-all", "train.py", ["--n_experts=4", "--first_dense_layers=2"], None,
+     ["first_dense_layers=2 leaves no MoE layer", "n_layer=2"]),
 ]
 
 

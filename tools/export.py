@@ -10,8 +10,10 @@ architecture (nanomoe/hf/formats.py has the table); --format names one, and must
     model = AutoModelForCausalLM.from_pretrained("out-shakespeare-char/hf")
 
 gpt2 (learned positions, LayerNorm, GELU), llama (RoPE, RMSNorm, SwiGLU), mixtral and qwen2_moe (that backbone
-with experts) compute exactly our logits. A model with no exact equivalent in the format (GELU experts with
-biases, capacity, ...) is refused with one line naming what is missing, and nothing is written.
+with experts), qwen3 and qwen3_moe (with QK-norm), deepseek_v3 (MLA, sigmoid routing, the aux-free bias) and
+deepseek_v2 (MLA, softmax routing) compute our logits (docs/hf.md has the table). A model with no exact
+equivalent in the format (GELU experts with biases, capacity, ...) is refused with one line naming what is
+missing, and nothing is written.
 """
 import os
 import signal
@@ -39,7 +41,7 @@ KEYS = script_keys(sys.modules[__name__])
 def main(argv=None):
     cfg = parse_args(KEYS, sys.argv[1:] if argv is None else argv)
     path = os.path.join(cfg["out_dir"], cfg["ckpt"])
-    hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
+    hf_dir = os.path.join(cfg["out_dir"], "hf") if cfg["hf_dir"] is None else cfg["hf_dir"]
     ckpt = load_checkpoint(path)
     fmt = export_checkpoint(ckpt, hf_dir, cfg["format"], cfg["force"])
     tokenizer = (ckpt.get("tokenizer") or {}).get("tokenizer", "unknown")

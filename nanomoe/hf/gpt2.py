@@ -19,8 +19,9 @@ import torch
 
 from model import GPT, GPTConfig
 from nanomoe.errors import UserError
-from nanomoe.hf.common import HUB_NAMES, first_line, folder_model_type, transformers_module
+from nanomoe.hf.common import HUB_NAMES, first_line, folder_model_type, load_pretrained, transformers_module
 
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel"}
 # Hugging Face's Conv1D weights are (in, out): these are transposed to and from nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -33,13 +34,9 @@ def _load_hf_model(source):
         if model_type != "gpt2":
             raise UserError(f"'{source}' is not a GPT-2 model (config.json model_type is {model_type!r}, "
                             f"expected 'gpt2')")
-    try:
-        return transformers.GPT2LMHeadModel.from_pretrained(source)
-    except Exception as e:  # OSError offline or for missing files, ValueError for bad configs, ...
-        hint = (" (no network? save it with save_pretrained where there is one, then use "
-                "init_from='hf:/path/to/folder')") if source in HUB_NAMES else ""
-        raise UserError(f"cannot load GPT-2 weights from '{source}': {type(e).__name__}: {first_line(e)}{hint}") \
-            from None
+    hint = (" (no network? save it with save_pretrained where there is one, then use "
+            "init_from='hf:/path/to/folder')") if source in HUB_NAMES else ""
+    return load_pretrained(transformers.GPT2LMHeadModel, source, hint)
 
 
 def _check_hf_config(hf, source):
@@ -50,8 +47,6 @@ def _check_hf_config(hf, source):
         problems.append(f"activation_function={c.activation_function!r} (only GELU)")
     if getattr(c, "n_inner", None) not in (None, 4 * c.n_embd):
         problems.append(f"n_inner={c.n_inner} (only 4 * n_embd)")
-    if abs(getattr(c, "layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        problems.append(f"layer_norm_epsilon={c.layer_norm_epsilon} (only 1e-5)")
     if not getattr(c, "scale_attn_weights", True) or getattr(c, "scale_attn_by_inverse_layer_idx", False):
         problems.append("non-standard attention scaling")
     if problems:
@@ -68,7 +63,8 @@ def load_gpt2(name_or_path, dropout=0.0):
     # GPT-2: learned positions, LayerNorm, GELU, biases everywhere, tied head; the shape comes from the config
     mlp = "gelu" if getattr(c, "activation_function", "gelu_new") == "gelu" else "gelu_tanh"
     config = GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
-                       vocab_size=c.vocab_size, bias=True, dropout=dropout, mlp=mlp)
+                       vocab_size=c.vocab_size, bias=True, dropout=dropout, mlp=mlp,
+                       norm_eps=float(c.layer_norm_epsilon))
     sd = {}
     for k, v in hf.state_dict().items():
         if k.endswith((".attn.bias", ".attn.masked_bias")):
@@ -87,7 +83,7 @@ def load_gpt2(name_or_path, dropout=0.0):
     return model
 
 
-def gpt2_problems(args):
+def family_problems(args, family="gpt2"):
     """Why a dense model with settings `args` has no exact GPT-2 equivalent; [] if it has one."""
     problems = [f"the GPT-2 format needs {name}={gpt2[0]!r}, this model has {name}={args[name]!r}"
                 for name, gpt2 in (("pos_emb", ("learned",)), ("norm", ("layernorm",)), ("mlp", ("gelu", "gelu_tanh")))
@@ -109,7 +105,9 @@ def export_hf(model, folder):
     if hasattr(model, "moe_layers"):
         raise UserError("an MoE model cannot be written in GPT-2 (Hugging Face) format: GPT-2 has no experts")
     c = model.config
-    problems = gpt2_problems(asdict(c))
+    if c.qk_norm or c.attn != "mha":  # formats.HOLDS says so for export_checkpoint; this function is public too
+        raise UserError("the GPT-2 format has plain multi-head attention (no qk_norm, no attn='mla')")
+    problems = family_problems(asdict(c))
     if problems:
         raise UserError(problems[0])
 
@@ -128,7 +126,7 @@ def export_hf(model, folder):
         "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
         "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",  # what our MLP computes
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+        "layer_norm_epsilon": c.norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
         # GPT-2's <|endoftext|> where the vocabulary has it (a char vocabulary does not)
         "bos_token_id": 50256 if c.vocab_size > 50256 else None,
@@ -138,11 +136,7 @@ def export_hf(model, folder):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create '{folder}': {e.strerror}") from None
-    weights = os.path.join(folder, "model.safetensors")
-    save_file(tensors, weights, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -72,7 +72,7 @@ class Mamba2(nn.Module):
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(0.1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
+        self.norm = nn.RMSNorm(self.d_inner, eps=config.norm_eps)
         # named like attention's output projection, so it gets GPT-2's scaled init for residual projections
         self.c_proj = nn.Linear(self.d_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

@@ -49,12 +49,12 @@ class MultiHeadLatentAttention(nn.Module):
         C, nh, hs = config.n_embd, self.n_head, self.head_size
         if config.q_latent_dim:
             self.q_a_proj = nn.Linear(C, config.q_latent_dim, bias=config.bias)
-            self.q_a_norm = nn.RMSNorm(config.q_latent_dim, eps=1e-5)
+            self.q_a_norm = nn.RMSNorm(config.q_latent_dim, eps=config.norm_eps)
             self.q_b_proj = nn.Linear(config.q_latent_dim, nh * hs, bias=config.bias)
         else:
             self.q_proj = nn.Linear(C, nh * hs, bias=config.bias)
         self.kv_a_proj = nn.Linear(C, config.kv_latent_dim + config.d_rope, bias=config.bias)  # [c_kv | k_rope]
-        self.kv_a_norm = nn.RMSNorm(config.kv_latent_dim, eps=1e-5)
+        self.kv_a_norm = nn.RMSNorm(config.kv_latent_dim, eps=config.norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_latent_dim, nh * (self.d_nope + hs), bias=config.bias)  # [k | v] per head
         self.c_proj = nn.Linear(nh * hs, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
