@@ -264,3 +264,30 @@ def remove_sharded(out_dir):
         target = os.readlink(link)
         os.remove(link)
         shutil.rmtree(os.path.join(out_dir, target), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# kept copies (train.py save_every): ckpt-<iter>.pt beside ckpt.pt, a full resumable checkpoint each
+
+def kept_path(out_dir, iter_num):
+    return os.path.join(out_dir, f"ckpt-{iter_num}.pt")
+
+
+def kept_checkpoints(out_dir):
+    """[(iter, path)] of the copies train.py --save_every kept in out_dir, oldest first. Counted from the folder
+    itself, so a resumed or killed run counts what is really there."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(r"ckpt-(\d+)\.pt", name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def prune_kept(out_dir, keep):
+    """Remove all but the newest `keep` kept copies (None keeps them all). -> the names removed."""
+    kept = kept_checkpoints(out_dir)
+    old = kept[:-keep] if keep is not None and len(kept) > keep else []
+    for _, path in old:
+        os.remove(path)  # a hard link: ckpt.pt or best.pt, if they are this file, stay
+    return [os.path.basename(path) for _, path in old]
