@@ -58,7 +58,7 @@ eval_iters: Valid(min=1) = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 save_interval: Valid(min=0) = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
-save_every: Valid(min=0) = 0  # also save every this many iterations and keep that checkpoint as ckpt-<iter>.pt (0 = off)
+save_every: Valid(min=0) = 0  # also save every this many iterations, kept as ckpt-<iter>.pt (0 = off)
 keep_checkpoints: Valid(int | None, min=1) = 10  # save_every: keep the newest this many copies (None = all)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (Hugging Face weights)
 # logging
@@ -493,10 +493,10 @@ def save(run, reason, iter_num, best_val_loss, improved=False, keep=False):
     best.pt the same file when the eval that asked for the save improved val loss. keep (save_every): the
     state is written as ckpt-<iter>.pt first and ckpt.pt becomes the same file, so a kill between the two
     leaves ckpt.pt on the previous save and the resumed run keeps this step again; then the oldest copies
-    beyond keep_checkpoints go (counted on disk, so a resumed run counts the copies already there). A sharded run (--fsdp,
-    --ep_size) writes ckpt.dcp instead, every rank its shards (distributed/checkpoint.save_sharded), and keeps
-    no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes. Saves
-    happen between steps, so the batch generator's state is the one before the next step's first batch."""
+    beyond keep_checkpoints go (counted on disk: a resumed run counts the copies already there). A sharded
+    run (--fsdp, --ep_size) writes ckpt.dcp instead, every rank its shards (distributed/checkpoint.save_sharded),
+    and keeps no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes.
+    Saves happen between steps, so the batch generator's state is the one before the next step's first batch."""
     states = gather_objects(rng_state(run.batch_gen.get_state()), run.proc)  # each rank draws its own batches
     finite = all(torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters())
     if any_rank(not finite, run.proc):  # a sharded rank sees only its share of the weights

@@ -153,8 +153,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, other_data, tmp_path, mo
     (tmp_path / "done" / "experts").mkdir(parents=True)
     shutil.copyfile(runs.moe / "ckpt.pt", tmp_path / "done" / "ckpt.pt")
     if case == "second run of another tokenizer":
-        assert_ok(run_script(["train.py", "--dataset=digits", f"--data_root={other_data}", f"--out_dir={tmp_path / 'digits'}",
-                              *TINY_MODEL, *TINY_RUN, "--max_iters=1"], cwd=tmp_path))
+        digits = ["train.py", "--dataset=digits", f"--data_root={other_data}", f"--out_dir={tmp_path / 'digits'}"]
+        assert_ok(run_script([*digits, *TINY_MODEL, *TINY_RUN, "--max_iters=1"], cwd=tmp_path))
     if case == "no matplotlib":
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as where it is missing
     args, words = BAD[case]
@@ -224,7 +224,7 @@ def test_save_every_keeps_copies_counts_them_on_resume_and_prunes_the_oldest(sha
     assert six["iter_num"] == 6 and load_checkpoint(out / "ckpt.pt")["iter_num"] == 7
     r = run_script([*args, "--init_from=resume", "--max_iters=10", "--keep_checkpoints=3"], cwd=tmp_path)
     assert_ok(r)
-    assert "saved checkpoint to" in r.stdout and f"ckpt-10.pt (save_every 2" in r.stdout
+    assert f"saved checkpoint to {out / 'ckpt-10.pt'} (save_every 2" in r.stdout
     assert kept(out) == [6, 8, 10]  # the copies of the first run counted, the oldest removed
     assert_same_tensors(load_checkpoint(out / "ckpt-6.pt")["model"], six["model"], "a kept copy after the resume")
     assert_same_tensors(load_checkpoint(out / "ckpt-10.pt")["model"], load_checkpoint(out / "ckpt.pt")["model"],
@@ -240,18 +240,18 @@ def test_save_every_is_refused_for_a_sharded_run(shakespeare_data, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # two runs killed with SIGKILL
+@pytest.mark.slow  # a run killed with SIGKILL
 def test_kept_copies_of_a_killed_and_resumed_run_equal_those_of_a_run_left_alone(shakespeare_data, tmp_path):
-    """Killed after its 2nd and then its 4th save (maybe in the middle of the next one), resumed each time: the
-    run keeps the same copies, bit for bit, as the run left alone, and no temporary file."""
-    args = [*MOE, "--max_iters=12", "--eval_interval=5", "--save_every=2", "--keep_checkpoints=4", "--dropout=0.1"]
+    """Killed after its 3rd save (maybe in the middle of the next one) and resumed: the run keeps the same
+    copies, bit for bit, as the run left alone, and leaves no temporary file."""
+    args = [*MOE, "--max_iters=10", "--eval_interval=5", "--save_every=2", "--keep_checkpoints=3", "--dropout=0.1"]
     assert_ok(run_script(train_args(shakespeare_data, tmp_path / "straight", *args), cwd=tmp_path))
     killed = train_args(shakespeare_data, tmp_path / "killed", *args)
-    for i, n_saves in enumerate([2, 2]):
-        kill_after_saves(killed + (["--init_from=resume"] if i else []), tmp_path, n_saves)
+    kill_after_saves(killed, tmp_path, 3)
+    assert load_checkpoint(tmp_path / "killed" / "ckpt.pt")["iter_num"] < 10
     assert_ok(run_script([*killed, "--init_from=resume"], cwd=tmp_path))
-    assert kept(tmp_path / "straight") == kept(tmp_path / "killed") == [6, 8, 10, 12]
+    assert kept(tmp_path / "straight") == kept(tmp_path / "killed") == [6, 8, 10]
     for it in kept(tmp_path / "straight"):
-        a, b = (load_checkpoint(tmp_path / run / f"ckpt-{it}.pt", needs=("optimizer",)) for run in ("straight", "killed"))
+        a, b = (load_checkpoint(tmp_path / run / f"ckpt-{it}.pt") for run in ("straight", "killed"))
         assert_same_tensors(a["model"], b["model"], f"ckpt-{it}.pt")
     assert not [p for p in os.listdir(tmp_path / "killed") if p.startswith(".tmp-")]

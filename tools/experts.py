@@ -52,14 +52,24 @@ def parse_args(argv):
                        description="Report what the experts of a trained MoE run learned (OUT_DIR/experts/).")
     p.add_argument("out_dir", help="the MoE run's folder (ckpt.pt or ckpt.dcp, and ckpt-<iter>.pt copies)")
     p.add_argument("other", nargs="?", help="a second run (dense or MoE) to compare with, token by token")
-    p.add_argument("--layers", type=lambda s: [int(i) for i in s.split(",")],
+    p.add_argument("--layers", type=layer_list,
                    help="the MoE layers to report, as block indices: --layers=0,3 (default: all)")
     p.add_argument("--data_root", help="where the dataset lives (default: the run's data_root)")
     p.add_argument("--dataset", help="the dataset to route (default: the run's; its tokenizer must be the run's)")
-    p.add_argument("--max_tokens", type=int, help="route at most this many val tokens (default: the whole split)")
+    p.add_argument("--max_tokens", type=positive, help="route at most this many val tokens (default: the whole split)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/experts")
     return p.parse_args(argv)
+
+
+def layer_list(text):  # argparse's error names the type by its function's name: "invalid layer_list value"
+    return [int(i) for i in text.split(",")]
+
+
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(text)  # argparse names the option and the value
+    return int(text)
 
 
 def main(argv):
@@ -92,7 +102,7 @@ def main(argv):
     report = SimpleNamespace(
         run=run, layers=layers, names=[f"layer {i}" for i in layers], E=E, K=K, block=block, stream=val,
         n=len(routed.loss), dataset=os.path.basename(data.dir), routed=routed,
-        val_load=F.one_hot(routed.choices, E).float().mean(dim=(0, 2)),  # (L, E): share of the top-k assignments
+        val_load=torch.stack([torch.bincount(c.flatten(), minlength=E) / c.numel() for c in routed.choices.unbind(1)]),
         train_load=train_load(run, data, layers, ctx, len(routed.loss)),
         pieces=pieces_of(run.tok, run.model.config.vocab_size), kinds=token_classes(val, run.tok),
         saturation=saturation(run, val, block, layers, ctx, routed),
@@ -233,13 +243,15 @@ def train_load(run, data, layers, ctx, n_tokens):
     """Each layer's expert load (L, E) on random train batches of about n_tokens tokens: the MoE layers' own
     stats, as train.py's evaluation reads them."""
     gen = torch.Generator().manual_seed(run.ckpt.get("config", {}).get("seed", 1337) + 999)
-    batch = max(1, BATCH_TOKENS // data.block_size)
-    loads = []
-    for _ in range(max(1, round(n_tokens / (batch * data.block_size)))):
+    batch, progress = max(1, BATCH_TOKENS // data.block_size), Progress()
+    loads, n = [], max(1, round(n_tokens / (batch * data.block_size)))
+    for b in range(n):
         x, _ = data.get_batch("train", batch, gen, run.device)
         with ctx:
             run.model(x)
         loads.append(torch.stack([run.model.transformer.h[i].mlp.stats["expert_load"].float().cpu() for i in layers]))
+        progress.update(f"routing train batches: {b + 1}/{n}")
+    progress.done()
     return torch.stack(loads).mean(0)
 
 
@@ -284,9 +296,9 @@ def token_classes(stream, tok):
         if i not in kind_of:
             piece = tok.decode([i])
             visible = piece.strip()
-            kind_of[i] = ("newline" if "\n" in piece else "space" if not visible else "lowercase" if visible[0].islower()
-                          else "uppercase" if visible[0].isupper() else "digit" if visible[0].isdigit()
-                          else "punctuation")
+            first = visible[:1]
+            kind_of[i] = ("newline" if "\n" in piece else "space" if not visible else "lowercase" if first.islower()
+                          else "uppercase" if first.isupper() else "digit" if first.isdigit() else "punctuation")
         kind = kind_of[i]
         if kind == "space" and line_start:
             kind = "indentation"
@@ -411,8 +423,9 @@ def load_lines(r, plt, folder):
         for li in range(L):
             s = load_stats(load[li:li + 1])
             dead = [str(e) for e in range(E) if load[li, e] * E * 4 < 1]  # load_stats' rule: under 1/(4E)
-            rows.append([r.names[li], split, *(f"{x:.3f}" for x in load[li]), f"{s['load_cv']:.3f}",
-                         f"{s['load_max'] / s['load_min']:.2f}" if s["load_min"] > 0 else "∞", ", ".join(dead) or "none"])
+            spread = f"{s['load_max'] / s['load_min']:.2f}" if s["load_min"] > 0 else "∞"
+            rows.append([r.names[li], split, *(f"{x:.3f}" for x in load[li]), f"{s['load_cv']:.3f}", spread,
+                         ", ".join(dead) or "none"])
     return ["## 1. Load", "",
             f"Each expert's share of its layer's top-{K} assignments (1/E = {1 / E:.3f} is even), on val and on random "
             f"train batches of about as many tokens. CV is the spread of a layer's loads relative to even (0 = even), "
@@ -446,8 +459,9 @@ def specialisation_lines(r, plt, folder):
             rows.append([f"e{e}", f"{of_all:.0%}", " ".join(f"{code(show(r.pieces[v]))} {share_VE[v, e]:.0%}"
                                                              for v in top) or "-",
                          ", ".join(kinds_above) or "-", "<br>".join(code(s) for s in snippets) or "-"])
-        md += [f"**Layer {layer}**", ""] + table(["expert", "of all tokens", "most over-represented tokens (share of "
-                                                  "their occurrences)", "kinds above 1.2 × its share", "in context"], rows)
+        md += [f"**Layer {layer}**", ""] + table(["expert", "of all tokens", "most over-represented tokens (share "
+                                                  "of their occurrences)", "kinds above 1.2 × its share",
+                                                  "in context"], rows)
     values = torch.tensor(over)
     log_values = values.clamp(1 / 3, 3).log2()  # colour: 1/3 ... 3 on a log scale, 1 (no preference) white
     fig, ax = plt.subplots(figsize=(0.9 * len(present) + 7, 0.3 * len(labels) + 2))
@@ -474,8 +488,8 @@ def specialisation_lines(r, plt, folder):
             f"Per layer and expert: the kinds of token it takes more (red) or less (blue) often than its share of all "
             f"tokens, and the tokens most over-represented among its tokens (seen at least {MIN_COUNT} times on val; "
             f"the percentage is the share of the token's occurrences routed to the expert, against its share of all "
-            f"tokens, which is {K} × its load). The examples show a token ⟦in context⟧: ⏎ is a newline, ␣ a space. "
-            f"Indentation is whitespace with only whitespace before it on its line.", "",
+            f"tokens, which is {K} × its load). The examples show a token ⟦in context⟧: ⏎ is a newline, ␣ a "
+            f"space. Indentation is whitespace with only whitespace before it on its line.", "",
             *figure(plt, fig, folder, "specialisation.png"), *md]
 
 
@@ -487,7 +501,7 @@ def coactivation_lines(r, plt, folder):
     if K > 1:
         cols = min(L, 4)
         rows_ = (L + cols - 1) // cols
-        fig, axes = plt.subplots(rows_, cols, figsize=(3.3 * cols, 3.3 * rows_ + 0.4), squeeze=False)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.3 * cols, 3.4 * rows_ + 0.5), squeeze=False)
         for li in range(L):
             m_NE = F.one_hot(r.routed.choices[:, li], E).sum(1).float()  # 1 where the expert is among the token's k
             both = m_NE.T @ m_NE / r.n
