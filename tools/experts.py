@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from moe_model import load_stats
 from nanomoe.checkpoint import (SHARDED, kept_checkpoints, latest_checkpoint, load_checkpoint, model_from_checkpoint)
-from nanomoe.cli import ArgumentParser, Progress, duration, run_cli
+from nanomoe.cli import ArgumentParser, Progress, duration, pyplot, run_cli
 from nanomoe.data import TokenData, describe_tokenizer
 from nanomoe.device import autocast_context, pick_device, pick_dtype
 from nanomoe.errors import UserError
@@ -74,7 +74,7 @@ def positive(text):
 
 def main(argv):
     args = parse_args(argv)
-    plt = import_pyplot()
+    plt = pyplot("tools.experts draws its figures with matplotlib")
     target = os.path.join(args.out_dir, "experts")
     if os.path.exists(target) and not args.force:
         raise UserError(f"{target} already exists; add --force to replace it")
@@ -113,16 +113,6 @@ def main(argv):
     print(f"routed {report.n:,} val tokens through {len(layers)} MoE layer(s)"
           f"{f' and {len(report.saturation) - 1} kept checkpoint(s)' if report.saturation else ''}; wrote "
           f"{target}/report.md ({duration(time.time() - t_start)})")
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("tools.experts draws its figures with matplotlib: pip install matplotlib") from None
-    return plt
 
 
 # -----------------------------------------------------------------------------
