@@ -11,6 +11,9 @@ What train.py saves:
     tokenizer    the dataset's tokenizer (meta.json's tokenizer fields), so sampling needs no data folder
     config       the run's other settings; optimizer, scaler, rng, iter_num, best_val_loss to resume
 
+With save_every, train.py also keeps ckpt-<iter>.pt beside ckpt.pt: full checkpoints of earlier steps, the
+newest keep_checkpoints of them (kept_checkpoints, prune_kept; tools.experts reads them for router saturation).
+
 A sharded run (train.py --fsdp=True or --ep_size > 1 under torchrun) saves with torch.distributed.checkpoint
 instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one
 (nanomoe/distributed/checkpoint.py). `python -m tools.consolidate OUT_DIR` turns it into an ordinary single
@@ -285,9 +288,7 @@ def kept_checkpoints(out_dir):
 
 
 def prune_kept(out_dir, keep):
-    """Remove all but the newest `keep` kept copies (None keeps them all). -> the names removed."""
+    """Remove all but the newest `keep` kept copies (None keeps them all)."""
     kept = kept_checkpoints(out_dir)
-    old = kept[:-keep] if keep is not None and len(kept) > keep else []
-    for _, path in old:
+    for _, path in kept[:-keep] if keep is not None and len(kept) > keep else []:
         os.remove(path)  # a hard link: ckpt.pt or best.pt, if they are this file, stay
-    return [os.path.basename(path) for _, path in old]
