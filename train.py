@@ -31,9 +31,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_model import load_stats
-from nanomoe.checkpoint import (SHARDED, TO_RESUME, check_out_dir, latest_checkpoint, link_checkpoint,
-                                load_checkpoint, model_from_checkpoint, model_state, open_out_dir, remove_sharded,
-                                restore_training_state, rng_state, save_checkpoint)
+from nanomoe.checkpoint import (SHARDED, TO_RESUME, check_out_dir, kept_path, latest_checkpoint, link_checkpoint,
+                                load_checkpoint, model_from_checkpoint, model_state, open_out_dir, prune_kept,
+                                remove_sharded, restore_training_state, rng_state, save_checkpoint)
 from nanomoe.cli import duration, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.data import TokenData
@@ -58,6 +58,8 @@ eval_iters: Valid(min=1) = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 save_interval: Valid(min=0) = 0  # also save ckpt.pt every this many iterations (0 = only at evals)
+save_every: Valid(min=0) = 0  # also save every this many iterations, kept as ckpt-<iter>.pt (0 = off)
+keep_checkpoints: Valid(int | None, min=1) = 10  # save_every: keep the newest this many copies (None = all)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2'...'gpt2-xl' or 'hf:/path' (Hugging Face weights)
 # logging
 wandb_log = False
@@ -184,9 +186,11 @@ def main():
                                   "tokens_per_sec": tokens_per_iter / dt, "mfu": mfu, "grad_norm": grad_norm,
                                   **stats})
         iter_num += 1
-        if cfg.save_interval and iter_num % cfg.save_interval == 0:
+        keep = cfg.save_every > 0 and iter_num % cfg.save_every == 0
+        if keep or cfg.save_interval and iter_num % cfg.save_interval == 0:
             check_nonfinite(nonfinite, run)
-            save(run, f"save_interval {cfg.save_interval}", iter_num, best_val_loss)
+            reason = f"save_every {cfg.save_every}" if keep else f"save_interval {cfg.save_interval}"
+            save(run, reason, iter_num, best_val_loss, keep=keep)
         # a signal stops the run after this step; under DDP every rank must agree on which step, so the ranks
         # compare their flags (a collective) at log steps only
         if (not proc.ddp or iter_num % cfg.log_interval == 0) and any_rank(bool(stop_requested), proc):
@@ -300,6 +304,9 @@ def check_run(cfg, proc):
         # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
         raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
                         f"--out_dir (or delete the old run) to start a new one")
+    if cfg.save_every and proc.sharding:
+        raise UserError(f"save_every={cfg.save_every} keeps copies of ckpt.pt, but a --fsdp / --ep_size run saves a "
+                        f"sharded ckpt.dcp and keeps no copies; use --save_interval instead, or train unsharded")
     if cfg.init_from == "resume" and proc.sharding and not ckpt_path.endswith(SHARDED):
         raise UserError(f"{ckpt_path} was saved unsharded; a --fsdp / --ep_size run resumes only its own sharded "
                         f"checkpoints: resume it with --fsdp=False --ep_size=1")
@@ -481,12 +488,15 @@ def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
 # -----------------------------------------------------------------------------
 # checkpoints and metrics
 
-def save(run, reason, iter_num, best_val_loss, improved=False):
+def save(run, reason, iter_num, best_val_loss, improved=False, keep=False):
     """Save the resumable state to ckpt.pt (every rank gives its random states; rank 0 writes), and make
-    best.pt the same file when the eval that asked for the save improved val loss. A sharded run (--fsdp,
-    --ep_size) writes ckpt.dcp instead, every rank its shards (distributed/checkpoint.save_sharded), and keeps
-    no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes. Saves
-    happen between steps, so the batch generator's state is the one before the next step's first batch."""
+    best.pt the same file when the eval that asked for the save improved val loss. keep (save_every): the
+    state is written as ckpt-<iter>.pt first and ckpt.pt becomes the same file, so a kill between the two
+    leaves ckpt.pt on the previous save and the resumed run keeps this step again; then the oldest copies
+    beyond keep_checkpoints go (counted on disk: a resumed run counts the copies already there). A sharded
+    run (--fsdp, --ep_size) writes ckpt.dcp instead, every rank its shards (distributed/checkpoint.save_sharded),
+    and keeps no best.pt: a sharded checkpoint is a folder, and a second one would double the disk it takes.
+    Saves happen between steps, so the batch generator's state is the one before the next step's first batch."""
     states = gather_objects(rng_state(run.batch_gen.get_state()), run.proc)  # each rank draws its own batches
     # one check on the device and one read of its answer (a check per parameter waited for the GPU each time)
     finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in run.raw_model.parameters()]).all()
@@ -505,13 +515,16 @@ def save(run, reason, iter_num, best_val_loss, improved=False):
         save_sharded(run.raw_model, run.optimizer, entries, run.cfg.out_dir, run.proc)
         path = os.path.join(run.cfg.out_dir, SHARDED)
     elif run.proc.master:
-        save_checkpoint({**entries, **model_state(run.raw_model), "optimizer": run.optimizer.state_dict()},
-                        run.ckpt_path)
+        path = kept_path(run.cfg.out_dir, iter_num) if keep else run.ckpt_path
+        save_checkpoint({**entries, **model_state(run.raw_model), "optimizer": run.optimizer.state_dict()}, path)
+        if keep:
+            link_checkpoint(path, run.ckpt_path)
+            prune_kept(run.cfg.out_dir, run.cfg.keep_checkpoints)
         remove_sharded(run.cfg.out_dir)  # a sharded run's checkpoint this one resumed from is older now
-        path = run.ckpt_path
     if not run.proc.master:
         return
-    print(f"saved {'sharded ' if run.proc.sharding else ''}checkpoint to {path} ({reason}, {time.time() - t0:.2f}s)")
+    print(f"saved {'sharded ' if run.proc.sharding else ''}checkpoint to {path} ({reason}, {time.time() - t0:.2f}s)"
+          + (f", also {run.ckpt_path}" if keep else ""))
     if improved and not run.proc.sharding:
         link_checkpoint(run.ckpt_path, os.path.join(run.cfg.out_dir, "best.pt"))
 

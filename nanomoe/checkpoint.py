@@ -11,6 +11,9 @@ What train.py saves:
     tokenizer    the dataset's tokenizer (meta.json's tokenizer fields), so sampling needs no data folder
     config       the run's other settings; optimizer, scaler, rng, iter_num, best_val_loss to resume
 
+With save_every, train.py also keeps ckpt-<iter>.pt beside ckpt.pt: full checkpoints of earlier steps, the
+newest keep_checkpoints of them (kept_checkpoints, prune_kept; tools.experts reads them for router saturation).
+
 A sharded run (train.py --fsdp=True or --ep_size > 1 under torchrun) saves with torch.distributed.checkpoint
 instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one
 (nanomoe/distributed/checkpoint.py). `python -m tools.consolidate OUT_DIR` turns it into an ordinary single
@@ -256,3 +259,28 @@ def remove_sharded(out_dir):
         target = os.readlink(link)
         os.remove(link)
         shutil.rmtree(os.path.join(out_dir, target), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# kept copies (train.py save_every): ckpt-<iter>.pt beside ckpt.pt, a full resumable checkpoint each
+
+def kept_path(out_dir, iter_num):
+    return os.path.join(out_dir, f"ckpt-{iter_num}.pt")
+
+
+def kept_checkpoints(out_dir):
+    """[(iter, path)] of the copies train.py --save_every kept in out_dir, oldest first. Counted from the folder
+    itself, so a resumed or killed run counts what is really there."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(r"ckpt-(\d+)\.pt", name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def prune_kept(out_dir, keep):
+    """Remove all but the newest `keep` kept copies (None keeps them all)."""
+    kept = kept_checkpoints(out_dir)
+    for _, path in kept[:-keep] if keep is not None and len(kept) > keep else []:
+        os.remove(path)  # a hard link: ckpt.pt or best.pt, if they are this file, stay

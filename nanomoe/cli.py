@@ -1,6 +1,7 @@
 """
 What every script does the same way: bad input ends as one 'error: ...' line with exit code 2 (run_cli), argparse
-usage mistakes too (ArgumentParser), a progress line on a terminal, durations at a glance.
+usage mistakes too (ArgumentParser), a progress line on a terminal, durations at a glance, matplotlib when a
+tool draws.
 """
 import argparse
 import os
@@ -82,6 +83,18 @@ class Progress:
     def done(self):
         if self.shown:
             print(file=sys.stderr)
+
+
+def pyplot(who_needs_it):
+    """matplotlib's pyplot, for the tools that draw files, imported only when one does (it is optional, and slow
+    to import); missing, it is one error line: '<who_needs_it>: pip install matplotlib'."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(f"{who_needs_it}: pip install matplotlib") from None
+    return plt
 
 
 def duration(seconds):

@@ -18,7 +18,7 @@ metrics.jsonl may be read while a run writes it: an unfinished last line is skip
 """
 import os
 
-from nanomoe.cli import ArgumentParser, run_cli
+from nanomoe.cli import ArgumentParser, pyplot, run_cli
 from nanomoe.errors import UserError
 from nanomoe.metrics import read_metrics
 
@@ -128,12 +128,7 @@ def plot_experts(plt, moe_runs, x, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("tools.plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot("tools.plot needs matplotlib")
     runs = list(zip(run_labels(args.runs), [read_metrics(d) for d in args.runs]))
     moe_runs = []
     for label, recs in runs:

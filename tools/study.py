@@ -27,11 +27,12 @@ import subprocess
 import sys
 import sysconfig
 
-from nanomoe.cli import ArgumentParser, run_cli
+from nanomoe.cli import ArgumentParser, pyplot, run_cli
 from nanomoe.errors import UserError
 from nanomoe.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and prepare.py are run from here
+NEEDS_MATPLOTLIB = "tools.study needs matplotlib for its plots"
 
 # the model and run at each scale: everything but the FFN is shared by all variants
 SCALES = {
@@ -185,18 +186,8 @@ def table(runs, best):
     return "\n".join(rows)
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("tools.study needs matplotlib for its plots: pip install matplotlib") from None
-    return plt
-
-
 def plot(runs, corpus, path):
-    plt = pyplot()
+    plt = pyplot(NEEDS_MATPLOTLIB)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = dict(zip(dict.fromkeys(r["variant"] for r in runs), plt.rcParams["axes.prop_cycle"].by_key()["color"]
                       * 3))
@@ -220,7 +211,7 @@ def plot(runs, corpus, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    pyplot()  # now, not after an hour of training
+    pyplot(NEEDS_MATPLOTLIB)  # now, not after an hour of training
     os.makedirs(args.docs, exist_ok=True)
     for corpus in args.corpora:
         runs, best = run_corpus(corpus, args)

@@ -39,9 +39,11 @@ def load_sharded_meta(path, needs=()):
 
 def sharded_state(model, optimizer):
     """{"model": ..., "optimizer": ...} keyed by parameter name, each tensor as the DTensor (FSDP) or plain
-    tensor this rank holds; expert-parallel slices described as such (expert_parallel.global_view)."""
+    tensor this rank holds; expert-parallel slices described as such (expert_parallel.global_view). Without an
+    optimizer its entry is empty (the weights alone are read)."""
     state = {"model": get_model_state_dict(model),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=flat_optimizer_state())}
+             "optimizer": {} if optimizer is None else
+             get_optimizer_state_dict(model, optimizer, options=flat_optimizer_state())}
     return expert_parallel.global_view(model, state)
 
 
@@ -79,9 +81,10 @@ def save_sharded(model, optimizer, meta, out_dir, proc):
     dist.barrier()
 
 
-def load_sharded(path, model, optimizer):
+def load_sharded(path, model, optimizer=None):
     """Read a sharded checkpoint into model and optimizer, whatever their layout now (another world size or ep
-    size, FSDP or not, one process): DCP reads each rank's part of every tensor from the saved shards."""
+    size, FSDP or not, one process): DCP reads each rank's part of every tensor from the saved shards.
+    optimizer None reads the weights alone (tools that only run the model)."""
     state = sharded_state(model, optimizer)
     with warnings.catch_warnings():
         # one process without a process group (consolidating, resuming unsharded): DCP warns that it reads
@@ -90,7 +93,8 @@ def load_sharded(path, model, optimizer):
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     state = expert_parallel.local_view(model, state)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat_optimizer_state())
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat_optimizer_state())
 
 
 def consolidate(out_dir, dest=None):
