@@ -177,40 +177,62 @@ def test_an_existing_image_is_replaced_only_with_force(runs, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- study
 
-@pytest.mark.slow  # three train.py runs
-def test_study_tables_seeds_and_resumes(tmp_path, shakespeare_data):
-    args = ["tools.study", "--corpora=shakespeare_char", "--variants=top2x8-aux,top1x8-switch", "--seeds=2",
-            "--max_iters=2", "--eval_iters=2", f"--data_root={shakespeare_data}", f"--work={tmp_path / 'work'}",
+def study_args(tmp_path, data_root, work):
+    return ["tools.study", "--corpora=shakespeare_char", "--variants=dense,top2x8-aux,top1x8-switch", "--seeds=2",
+            "--max_iters=4", "--eval_iters=2", "--jobs=2", f"--data_root={data_root}", f"--work={work}",
             f"--docs={tmp_path / 'docs'}"]
-    first = run(args, cwd=tmp_path)
-    # one seed of every variant, then the extra seed of the best MoE only (and of dense, when it is studied)
-    runs = json.loads((tmp_path / "work" / "shakespeare_char" / "summary.json").read_text())
-    best = min(runs, key=lambda r: r["best_val"])["variant"]
-    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
-        [("top2x8-aux", 1337), ("top1x8-switch", 1337), (best, 1338)])
-    assert first.stdout.count("== shakespeare_char ") == 3
 
-    rows = (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines()
-    by_variant = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows[2:]}
-    other = ({"top1x8-switch", "top2x8-aux"} - {best}).pop()
-    assert set(by_variant) == {other, f"**{best}**"}
-    moe = by_variant[f"**{best}**"]
-    best_vals = [r["best_val"] for r in runs if r["variant"] == best]
-    assert moe[0] == "2" and moe[1].startswith(f"{sum(best_vals) / 2:.4f} ± ")  # mean ± spread of 2 seeds
-    assert moe[2] == "4,096"  # 2 steps x 2,048 tokens
-    assert 0 <= float(moe[4]) and 0 <= float(moe[5]) <= 1  # load CV, dead share
-    assert by_variant[other][0] == "1" and " ± " not in by_variant[other][1]
+
+@pytest.mark.slow  # nine train.py runs
+def test_study_selects_on_one_seed_compares_on_fresh_ones_and_continues(tmp_path, shakespeare_data):
+    args = study_args(tmp_path, shakespeare_data, tmp_path / "work")
+    first = run(args, cwd=tmp_path)
+    summary = json.loads((tmp_path / "work" / "shakespeare_char" / "summary.json").read_text())
+    best = summary["best"]
+    assert best == min(summary["selection"][1:], key=lambda r: r["final_val"])["variant"]  # picked by the tool
+    assert [(r["variant"], r["seed"]) for r in summary["selection"]] == [
+        ("dense", 1337), ("top2x8-aux", 1337), ("top1x8-switch", 1337)]
+    # the table's figures come from fresh seeds only: the seed the winner was picked on is not among them
+    assert [(r["variant"], r["seed"]) for r in summary["comparison"]] == [
+        ("dense", 1338), (best, 1338), ("dense", 1339), (best, 1339)]
+    assert first.stdout.count("== shakespeare_char ") == 7
+    dense_final = [r["final_val"] for r in summary["comparison"] if r["variant"] == "dense"]
+    assert summary["target"] == pytest.approx(sum(dense_final) / 2)
+
+    page = (tmp_path / "docs" / "study.md").read_text()
+    assert f"| **{best}** |" in page and f"Target: {summary['target']:.4f}." in page
+    dense_row = next(line for line in page.splitlines() if line.startswith("| dense | ") and " of 2 |" in line)
+    assert dense_row.split("|")[2].strip().startswith(f"{sum(dense_final) / 2:.4f} (")  # mean (min – max)
     assert (tmp_path / "docs" / "study_cpu_shakespeare_char.png").stat().st_size > 10_000
 
-    # a second invocation trains nothing new: finished runs are read back, the table is the same
-    again = run(args, cwd=tmp_path)
-    assert "== " not in again.stdout
-    assert (tmp_path / "docs" / "study_cpu_shakespeare_char.md").read_text().splitlines() == rows
+    # the committed page is not replaced without --force; with it, finished runs are read back, not trained
+    refused = run(args, cwd=tmp_path, check=False)
+    assert_user_error(refused, "study.md already exists: add --force")
+    again = run(args + ["--force"], cwd=tmp_path)
+    assert "== " not in again.stdout and (tmp_path / "docs" / "study.md").read_text() == page
+
+    # an interrupted study continues: a run stopped after its first checkpoint is resumed, not restarted, and
+    # ends where the uninterrupted run ended
+    work = tmp_path / "work2"
+    shutil.copytree(tmp_path / "work", work)
+    args2 = args[:-2] + [f"--work={work}", f"--docs={tmp_path / 'docs2'}"]
+    flags = study.train_flags("shakespeare_char", "dense", "adamw", 1338, study.parse_args(args2[1:]))
+    shutil.rmtree(flags["out_dir"])
+    partial = {**flags, "max_iters": 2, "eval_interval": 2}  # the same run, stopped after its step-2 checkpoint
+    run(["train.py"] + [f"--{k}={v}" for k, v in partial.items()], cwd=tmp_path)
+    continued = run(args2, cwd=tmp_path)
+    assert continued.stdout.count("== ") == 1 and "== shakespeare_char dense seed 1338 (continued)" in continued.stdout
+    resumed = json.loads((work / "shakespeare_char" / "summary.json").read_text())
+    assert [r["final_val"] for r in resumed["comparison"]] == [r["final_val"] for r in summary["comparison"]]
 
 
 @pytest.mark.parametrize("arg, message", [("--variants=dense,top9x8", "unknown variants top9x8"),
                                           ("--seeds=0", "--seeds must be at least 1"),
-                                          ("--max_iters=0", "--max_iters must be at least 1")])
+                                          ("--max_iters=0", "--max_iters must be at least 1"),
+                                          ("--jobs=0", "--jobs must be at least 1"),
+                                          ("--optimizers=muon", "--optimizers must include adamw"),
+                                          ("--optimizers=adamw,sgd", "unknown optimizers sgd"),
+                                          ("--muon_lr=inf", "--muon_lr must be a positive finite number")])
 def test_study_bad_input(tmp_path, monkeypatch, capsys, arg, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(study.main, [arg], capsys)

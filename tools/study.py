@@ -306,13 +306,13 @@ def page(sections, args):
         "# Routing study: MoE vs dense at equal active compute, per token and on the clock",
         "",
         "Written by `python -m tools.study " + " ".join(args.command) + "` (the whole page and its plots; "
-        "the method is in the tool's docstring).",
+        "add --force to replace them; the method is in the tool's docstring).",
         "",
         f"Scale `{args.scale}`: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, RoPE, RMSNorm, SwiGLU "
         f"(dense hidden F = {F}), no biases; {s['max_iters']:,} steps of {tokens:,} tokens; AdamW lr {s['learning_rate']} "
         f"cosine to {s['min_lr']}; eval every {s['eval_interval']} steps on {s['eval_iters']} batches. Every MoE variant runs k experts of hidden F/k, so the FFN "
         f"work per token equals dense's. Runs trained {args.jobs} at a time, one thread each"
-        + (", side by side in the order dense, MoE, dense, MoE" if args.jobs > 1 else "") + ".",
+        + (", side by side, dense and MoE runs alternating" if args.jobs > 1 else "") + ".",
         "",
         "Selection round: every variant on seed 1337; the best MoE (lowest final val loss, in bold) goes on. "
         "Comparison: dense and the best MoE on fresh seeds (mean, then min – max). Target: dense-AdamW's mean final "
@@ -335,7 +335,7 @@ def page(sections, args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.command = [str(a) for a in argv]
+    args.command = [str(a) for a in argv if str(a) != "--force"]
     pyplot(NEEDS_MATPLOTLIB)  # now, not after hours of training
     os.makedirs(args.docs, exist_ok=True)
     sections = {}
