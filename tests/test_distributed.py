@@ -29,7 +29,7 @@ from nanomoe.data import TokenData
 from nanomoe.distributed import expert_parallel, parallel
 from nanomoe.distributed.checkpoint import consolidate
 from nanomoe.factory import build_model
-from nanomoe.optim import configure_optimizers
+from nanomoe.optim import build_optimizer, configure_optimizers
 from train import step_unless, train_step
 
 pytestmark = pytest.mark.slow  # processes and collectives: `pytest -m 'not slow'` skips them for a quick loop
@@ -108,7 +108,7 @@ def reference_steps(ckpt, world_size, steps):
     c = ckpt["config"]
     torch.manual_seed(c["seed"])
     model = build_model(ckpt["model_args"])
-    optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
+    optimizer = build_optimizer(model, c, "cpu")
     data = TokenData(c["data_root"], c["dataset"], ckpt["model_args"]["block_size"])
     gens = [torch.Generator().manual_seed(c["seed"] + rank) for rank in range(world_size)]
     accum = c["gradient_accumulation_steps"]

@@ -619,6 +619,24 @@ BAD_INPUTS = [
     ("norm_eps-zero", "train.py", ["--norm_eps=0"], None, ["norm_eps=0", "> 0"]),
     ("first_dense_layers-all", "train.py", ["--n_experts=4", "--first_dense_layers=2"], None,
      ["first_dense_layers=2 leaves no MoE layer", "n_layer=2"]),
+    # the optimizer (docs/muon.md)
+    ("optimizer-unknown", "train.py", ["--optimizer=sgd"], None, ["optimizer='sgd'", "'adamw', 'muon'"]),
+    ("muon_lr-negative", "train.py", ["--optimizer=muon", "--muon_lr=-0.01"], None, ["muon_lr=-0.01", ">= 0"]),
+    ("muon_lr-infinite", "train.py", ["--optimizer=muon", "--muon_lr=1e999"], None, ["muon_lr=inf", "< inf"]),
+    ("muon_lr-nan-in-file", "train.py", ["{case}/muon.py"], _write("muon.py", "muon_lr = float('nan')\n"),
+     ["muon_lr=nan", "muon.py", ">= 0"]),
+    ("muon_momentum-one", "train.py", ["--optimizer=muon", "--muon_momentum=1.0"], None, ["muon_momentum=1.0", "< 1"]),
+    ("muon_momentum-negative", "train.py", ["--muon_momentum=-0.5"], None, ["muon_momentum=-0.5", ">= 0"]),
+    ("muon_lr-with-zero-learning_rate", "train.py", ["--optimizer=muon", "--learning_rate=0", "--min_lr=0",
+                                                     "--muon_lr=0.01"], None, ["muon_lr=0.01", "learning_rate"]),
+    ("resume-adamw-with-muon", "train.py", ["--init_from=resume", "--optimizer=muon"], None,
+     ["trained with optimizer='adamw'", "cannot resume with optimizer='muon'"]),
+    ("resume-muon-with-adamw", "train.py", ["--init_from=resume", "--optimizer=adamw"],
+     _edit_checkpoint(lambda ckpt: ckpt["config"].update(optimizer="muon")),
+     ["trained with optimizer='muon'", "cannot resume with optimizer='adamw'"]),
+    # a checkpoint from before Muon (no 'optimizer' setting) was trained with AdamW
+    ("resume-pre-muon-checkpoint-with-muon", "train.py", ["--init_from=resume", "--optimizer=muon"],
+     _edit_checkpoint(lambda ckpt: ckpt["config"].pop("optimizer")), ["trained with optimizer='adamw'"]),
 ]
 
 
