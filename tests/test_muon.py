@@ -197,7 +197,8 @@ def test_fsdp_with_muon_is_refused_in_one_line(shakespeare_data, tmp_path):
     """What each rank of a torchrun --fsdp=True run says (torchrun sets these variables): FSDP splits each
     matrix over the processes, and Muon needs it whole."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    r = run(train_args(shakespeare_data, tmp_path / "out", "--optimizer=muon", "--fsdp=True"), cwd=tmp_path,
+    r = run(train_args(shakespeare_data, tmp_path / "out", "--optimizer=muon", "--fsdp=True",
+                       "--gradient_accumulation_steps=2"), cwd=tmp_path,
             env=env, check=False)
     assert_user_error(r, "optimizer='muon'", "fsdp=True", "--fsdp=False")
     assert not (tmp_path / "out").exists()
