@@ -79,7 +79,7 @@ weight_decay: Valid(min=0) = 1e-1
 beta1: Valid(min=0, below=1) = 0.9
 beta2: Valid(min=0, below=1) = 0.95
 grad_clip: Valid(min=0) = 1.0  # clip gradients at this norm (0 = off)
-muon_lr: Valid(float | None, min=0, below=math.inf) = None  # Muon's peak learning rate, scheduled like learning_rate (None = learning_rate)
+muon_lr: Valid(float | None, min=0, below=math.inf) = None  # Muon's peak rate, on lr's schedule (None = learning_rate)
 muon_momentum: Valid(min=0, below=1) = 0.95  # Muon's (Nesterov) momentum
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
@@ -123,7 +123,7 @@ def main():
             describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
         model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
     optimizer = build_optimizer(raw_model, vars(cfg), proc.device_type)
-    if proc.master and describe(optimizer):
+    if proc.master and describe(optimizer):  # Muon: which parameters it takes, which stay on AdamW
         print(describe(optimizer))
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     if ckpt:
