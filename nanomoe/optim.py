@@ -137,7 +137,10 @@ class MuonAdamW(torch.optim.AdamW):
             if not g["muon"]:
                 continue
             params = [p for p in g["params"] if p.grad is not None]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             hyper = {k: g[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "ns_steps",
                                        "eps", "adjust_lr_fn")}
             flat = [i for i, p in enumerate(params) if p.ndim == 2]
