@@ -45,7 +45,7 @@ from nanomoe.errors import UserError
 from nanomoe.factory import build_model, check_same_model, model_keys
 from nanomoe.hf.formats import is_hf_init, model_for_training
 from nanomoe.metrics import MetricsLog
-from nanomoe.optim import configure_optimizers
+from nanomoe.optim import OPTIMIZERS, build_optimizer, describe, set_lr
 from nanomoe.settings import MAX_SEED, Valid, script_keys
 
 # -----------------------------------------------------------------------------
@@ -71,13 +71,16 @@ data_root = "data"  # datasets live in data_root/<dataset>/ as written by prepar
 gradient_accumulation_steps: Valid(min=1) = 5 * 8  # micro-steps per optimizer step, over all processes together
 batch_size: Valid(min=1) = 12  # sequences per micro-step per process
 # model: every field of GPTConfig (model.py) and MoEConfig (moe_model.py) is a config key too (docs/config.md)
-# adamw optimizer
+# optimizer: 'adamw', or 'muon' for the hidden weight matrices (each expert its own) with AdamW for the rest
+optimizer: Valid(choices=OPTIMIZERS) = "adamw"
 learning_rate: Valid(min=0) = 6e-4
 max_iters: Valid(min=0) = 600000
 weight_decay: Valid(min=0) = 1e-1
 beta1: Valid(min=0, below=1) = 0.9
 beta2: Valid(min=0, below=1) = 0.95
 grad_clip: Valid(min=0) = 1.0  # clip gradients at this norm (0 = off)
+muon_lr: Valid(float | None, min=0, below=math.inf) = None  # Muon's peak rate, on lr's schedule (None = learning_rate)
+muon_momentum: Valid(min=0, below=1) = 0.95  # Muon's (Nesterov) momentum
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters: Valid(min=0) = 2000
@@ -119,8 +122,9 @@ def main():
         if proc.master:
             describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
         model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
-    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     proc.device_type)
+    optimizer = build_optimizer(raw_model, vars(cfg), proc.device_type)
+    if proc.master and describe(optimizer):  # Muon: which parameters it takes, which stay on AdamW
+        print(describe(optimizer))
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
     if ckpt:
         if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
@@ -163,8 +167,7 @@ def main():
                 save(run, "eval", iter_num, best_val_loss, improved)
             last_eval_iter, t0 = iter_num, time.time()  # the eval's time is not the step's
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr, cfg.learning_rate, cfg.muon_lr)
         batches = [data.get_batch("train", cfg.batch_size, batch_gen, proc.device) for _ in range(accum_steps)]
         sums, grad_norm, skipped = train_step(model, raw_model, optimizer, scaler, batches, ctx, proc, cfg.grad_clip)
         nonfinite.pending.append((iter_num, skipped))
@@ -280,6 +283,11 @@ def load_config(argv):
             ckpt = load_sharded_meta(path, TO_RESUME)
         else:
             ckpt = load_checkpoint(path, TO_RESUME)
+        saved = ckpt.get("config", {}).get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        if "optimizer" in explicit and cfg.optimizer != saved:
+            raise UserError(f"{path} was trained with optimizer='{saved}'; it cannot resume with "
+                            f"optimizer='{cfg.optimizer}' (its optimizer state is {saved}'s); resume with "
+                            f"--optimizer={saved}, or leave --optimizer out")
         for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
             if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
                 setattr(cfg, k, v)
@@ -298,6 +306,12 @@ def check_run(cfg, proc):
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_sharding(cfg, proc)
+    if cfg.optimizer == "muon" and "fsdp" in proc.sharding:
+        raise UserError("optimizer='muon' orthogonalises each whole weight matrix, but fsdp=True splits them over the "
+                        "processes; use --fsdp=False (DDP and --ep_size work with Muon), or --optimizer=adamw")
+    if cfg.optimizer == "muon" and cfg.muon_lr is not None and cfg.learning_rate == 0:
+        raise UserError(f"muon_lr={cfg.muon_lr} follows the schedule as a fraction of learning_rate, which is 0; set "
+                        f"--learning_rate above 0, or leave muon_lr unset (None: Muon takes learning_rate)")
     check_out_dir(cfg.out_dir)
     ckpt_path = latest_checkpoint(cfg.out_dir)
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:

@@ -65,6 +65,10 @@ RESUMED_RUNS = {
     "hybrid-moe": (["--max_iters=6", "--eval_interval=3", "--n_experts=4", "--moe_top_k=2", "--attn=mla",
                     "--kv_latent_dim=16", "--d_rope=8", "--pos_emb=rope", "--dropout=0.1", "--block_size=20",
                     *MAMBA], [3], "transformer.h.0.mamba.A_log"),
+    # Muon's momentum buffers (experts' stacked ones too) and the AdamW state beside them; 2 micro-steps, clipped
+    "moe-muon": (["--max_iters=8", "--eval_interval=4", "--n_experts=4", "--moe_top_k=2", "--dropout=0.1",
+                  "--optimizer=muon", "--muon_lr=0.02", "--gradient_accumulation_steps=2", "--grad_clip=0.5",
+                  "--warmup_iters=2", "--lr_decay_iters=8"], [2, 3], "transformer.h.1.mlp.experts.c_proj"),
 }
 
 
@@ -244,6 +248,27 @@ def test_nan_steps_are_skipped_counted_and_too_many_stop_the_run(shakespeare_dat
     ckpt = checkpoint.load_checkpoint(tmp_path / "twice" / "ckpt.pt")  # the last good checkpoint
     assert ckpt["iter_num"] == 4  # saved after the skipped iteration 3, not after 4
     assert_finite(ckpt)
+
+
+def test_a_skipped_muon_step_changes_nothing(shakespeare_data, tmp_path, monkeypatch, capsys):
+    """optimizer='muon' has no fused found_inf input: the flag is read on the host and the step not taken. A
+    run of 4 iterations whose last one is NaN ends with exactly the weights, Muon momentum buffers and AdamW
+    moments of a run of the same 3 good iterations."""
+    muon = ["--optimizer=muon", "--muon_lr=0.02", "--n_experts=4", "--moe_top_k=2", "--eval_interval=100"]
+    code, out = train_in_process(train_args(shakespeare_data, tmp_path / "three", *muon, "--max_iters=3"),
+                                 monkeypatch, capsys)
+    assert code == 0, out
+    code, out = train_with_nan_losses(train_args(shakespeare_data, tmp_path / "four", *muon, "--max_iters=4"), {3},
+                                      monkeypatch, capsys)
+    assert code == 0, out
+    assert "iter 3: non-finite loss or gradient, update skipped" in out
+    a = checkpoint.load_checkpoint(tmp_path / "three" / "ckpt.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "four" / "ckpt.pt")
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, state in a["optimizer"]["state"].items():
+        assert_same_tensors(state, b["optimizer"]["state"][i], f"optimizer state {i}")
+    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())
 
 
 def test_accumulation_not_divisible_by_the_world_size(shakespeare_data, tmp_path, monkeypatch):
@@ -619,6 +644,24 @@ BAD_INPUTS = [
     ("norm_eps-zero", "train.py", ["--norm_eps=0"], None, ["norm_eps=0", "> 0"]),
     ("first_dense_layers-all", "train.py", ["--n_experts=4", "--first_dense_layers=2"], None,
      ["first_dense_layers=2 leaves no MoE layer", "n_layer=2"]),
+    # the optimizer (docs/muon.md)
+    ("optimizer-unknown", "train.py", ["--optimizer=sgd"], None, ["optimizer='sgd'", "'adamw', 'muon'"]),
+    ("muon_lr-negative", "train.py", ["--optimizer=muon", "--muon_lr=-0.01"], None, ["muon_lr=-0.01", ">= 0"]),
+    ("muon_lr-infinite", "train.py", ["--optimizer=muon", "--muon_lr=1e999"], None, ["muon_lr=inf", "< inf"]),
+    ("muon_lr-nan-in-file", "train.py", ["{case}/muon.py"], _write("muon.py", "muon_lr = float('nan')\n"),
+     ["muon_lr=nan", "muon.py", ">= 0"]),
+    ("muon_momentum-one", "train.py", ["--optimizer=muon", "--muon_momentum=1.0"], None, ["muon_momentum=1.0", "< 1"]),
+    ("muon_momentum-negative", "train.py", ["--muon_momentum=-0.5"], None, ["muon_momentum=-0.5", ">= 0"]),
+    ("muon_lr-with-zero-learning_rate", "train.py", ["--optimizer=muon", "--learning_rate=0", "--min_lr=0",
+                                                     "--muon_lr=0.01"], None, ["muon_lr=0.01", "learning_rate"]),
+    ("resume-adamw-with-muon", "train.py", ["--init_from=resume", "--optimizer=muon"], None,
+     ["trained with optimizer='adamw'", "cannot resume with optimizer='muon'"]),
+    ("resume-muon-with-adamw", "train.py", ["--init_from=resume", "--optimizer=adamw"],
+     _edit_checkpoint(lambda ckpt: ckpt["config"].update(optimizer="muon")),
+     ["trained with optimizer='muon'", "cannot resume with optimizer='adamw'"]),
+    # a checkpoint from before Muon (no 'optimizer' setting) was trained with AdamW
+    ("resume-pre-muon-checkpoint-with-muon", "train.py", ["--init_from=resume", "--optimizer=muon"],
+     _edit_checkpoint(lambda ckpt: ckpt["config"].pop("optimizer")), ["trained with optimizer='adamw'"]),
 ]
 
 

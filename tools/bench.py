@@ -31,7 +31,7 @@ from nanomoe.device import autocast_context, gpu_peak_flops
 from nanomoe.distributed.parallel import setup_processes
 from nanomoe.errors import UserError
 from nanomoe.factory import build_model, model_keys
-from nanomoe.optim import configure_optimizers
+from nanomoe.optim import build_optimizer
 from nanomoe.settings import Valid, script_keys
 from train import RUN_KEYS, train_step
 
@@ -58,8 +58,7 @@ def make_step(variant, cfg, proc):
     """(model, step): the variant's model on proc.device and a function that runs one training step of it on
     fresh random tokens, exactly as train.py would (train_step)."""
     model = build(variant, cfg).to(proc.device)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     proc.device_type)
+    optimizer = build_optimizer(model, vars(cfg), proc.device_type)
     runs = torch.compile(model) if proc.compile else model
     ctx = autocast_context(proc.device, proc.dtype)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))

@@ -20,7 +20,7 @@ from nanomoe.checkpoint import (CONSOLIDATED, SHARDED, TO_RESUME, check_entries,
 from nanomoe.distributed import expert_parallel
 from nanomoe.errors import UserError
 from nanomoe.files import replace_durably, temp_path
-from nanomoe.optim import configure_optimizers
+from nanomoe.optim import build_optimizer
 
 
 def load_sharded_meta(path, needs=()):
@@ -103,7 +103,7 @@ def consolidate(out_dir, dest=None):
     meta = load_sharded_meta(os.path.join(out_dir, SHARDED), needs=TO_RESUME)
     model = model_from_checkpoint(meta)
     c = meta["config"]
-    optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
+    optimizer = build_optimizer(model, c, "cpu")
     load_sharded(meta["sharded"], model, optimizer)
     ckpt = {**model_state(model), **{k: v for k, v in meta.items() if k not in ("model_args", "sharded")},
             "optimizer": optimizer.state_dict()}
