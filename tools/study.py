@@ -210,20 +210,20 @@ def summarize(records, arm, seed):
     evals = list({r["iter"]: r for r in records if r["type"] == "eval"}.values())  # a continued run repeats some
     wall = [sum(t for i, t in steps.items() if i < e["iter"]) for e in evals]
     last = evals[-1]
-    return {"variant": arm, "seed": seed, "tokens": [e["tokens"] for e in evals], "wall": wall,
+    return {"variant": arm, "seed": seed, "iters": [e["iter"] for e in evals], "tokens": [e["tokens"] for e in evals],
+            "wall": wall,
             "val": [e["val_loss"] for e in evals], "final_val": last["val_loss"],
             "final_tokens": last["tokens"], "train_s": wall[-1],
             "load_cv": last.get("val_load_cv"), "dead": last.get("val_dead_experts")}
 
 
 def time_to_target(run, target):
-    """(tokens, seconds) at which the val curve first reaches target, linear between evals; None if never."""
-    points = list(zip(run["tokens"], run["wall"], run["val"]))
-    for (t0, w0, v0), (t1, w1, v1) in zip(points, points[1:]):
+    """(steps, seconds) at which the val curve first reaches target, linear between evals; None if never."""
+    points = list(zip(run["iters"], run["wall"], run["val"]))
+    for (i0, w0, v0), (i1, w1, v1) in zip(points, points[1:]):
         if v1 <= target:
-            f = 1.0 if v0 == v1 else (v0 - target) / (v0 - v1)
-            f = min(max(f, 0.0), 1.0)
-            return t0 + f * (t1 - t0), w0 + f * (w1 - w0)
+            f = min(max(1.0 if v0 == v1 else (v0 - target) / (v0 - v1), 0.0), 1.0)
+            return i0 + f * (i1 - i0), w0 + f * (w1 - w0)
     return None
 
 
@@ -255,21 +255,23 @@ def selection_table(runs, best):
 
 
 def comparison_table(runs):
-    """One row per arm over the comparison seeds: mean (min – max); time to target against dense-AdamW."""
+    """One row per arm over the comparison seeds: mean (min – max); steps and time to target against dense-AdamW's
+    whole run."""
     dense = [r for r in runs if r["variant"] == "dense"]
     target = statistics.mean(r["final_val"] for r in dense) if dense else None
+    dense_steps = statistics.mean(r["iters"][-1] for r in dense) if dense else None
     dense_s = statistics.mean(r["train_s"] for r in dense) if dense else None
     seeds = sorted({r["seed"] for r in runs})
-    head = (f"| arm (seeds {seeds[0]}–{seeds[-1]}) | final val loss | train time (s) | reached target | "
-            f"tokens to target | time to target (s) | time / dense time |")
-    rows = [head, "|---|---|---|---|---|---|---|"]
+    rows = [f"| arm (seeds {seeds[0]}–{seeds[-1]}) | final val loss | train time (s) | reached target | "
+            "steps to target | steps / dense steps | time to target (s) | time / dense time |",
+            "|---|---|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == arm]
         hits = [h for h in (time_to_target(r, target) for r in rs) if h] if dense else []
-        cells = ["-", "-", "-"]
+        cells = ["-"] * 4
         if hits:
-            cells = [spread([h[0] for h in hits], "{:,.0f}"), spread([h[1] for h in hits], "{:.0f}"),
-                     spread([h[1] / dense_s for h in hits], "{:.2f}x")]
+            cells = [spread([h[0] for h in hits], "{:,.0f}"), spread([h[0] / dense_steps for h in hits], "{:.2f}x"),
+                     spread([h[1] for h in hits], "{:.0f}"), spread([h[1] / dense_s for h in hits], "{:.2f}x")]
         rows.append(f"| {arm} | {spread([r['final_val'] for r in rs])} | {spread([r['train_s'] for r in rs], '{:.0f}')} | "
                     f"{len(hits)} of {len(rs)} | " + " | ".join(cells) + " |")
     return target, "\n".join(rows)
@@ -315,9 +317,10 @@ def page(sections, args):
         + (", side by side, dense and MoE runs alternating" if args.jobs > 1 else "") + ".",
         "",
         "Selection round: every variant on seed 1337; the best MoE (lowest final val loss, in bold) goes on. "
-        "Comparison: dense and the best MoE on fresh seeds (mean, then min – max). Target: dense-AdamW's mean final "
-        "val loss. Time to target: training tokens and wall time at which a run's val loss first reaches the "
-        "target (linear between evals); the last column divides it by dense-AdamW's mean training time.",
+        "Comparison: dense and the best MoE on fresh seeds (mean, then min – max over the seeds that reached the "
+        "target). Target: dense-AdamW's mean final val loss. Steps and time to target: where a run's val loss "
+        "first reaches the target (linear between evals), divided by dense-AdamW's whole run (its steps and its "
+        "mean training time).",
     ]
     for corpus, (selection, comparison, best, target) in sections.items():
         lines += ["", f"## {corpus}", ""]
