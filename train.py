@@ -15,6 +15,7 @@ optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * ba
 (the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
 One optimizer step is written once, in train_step below; tools/bench.py and tools/bench_sharding.py call it too.
 """
+import contextlib
 import math
 import os
 import signal
@@ -31,9 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_model import load_stats
-from nanomoe.checkpoint import (SHARDED, TO_RESUME, check_out_dir, kept_path, latest_checkpoint, link_checkpoint,
-                                load_checkpoint, model_from_checkpoint, model_state, open_out_dir, prune_kept,
-                                remove_sharded, restore_training_state, rng_state, save_checkpoint)
+from nanomoe.checkpoint import (SHARDED, TO_RESUME, OutDirLock, kept_path, latest_checkpoint, link_checkpoint,
+                                load_checkpoint, model_from_checkpoint, model_state, prune_kept, remove_sharded,
+                                restore_training_state, rng_state, save_checkpoint)
 from nanomoe.cli import duration, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.data import TokenData
@@ -99,46 +100,42 @@ KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides v
 
 
 def main():
-    cfg, explicit, ckpt = load_config(sys.argv[1:])
-    proc = setup_processes(cfg)
-    check_run(cfg, proc)
-    join(proc, cfg.backend)
-    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
-    if ckpt and data.check_same_data(ckpt["tokenizer"], ckpt.get("data")) and proc.master:
-        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
-              f"training goes on with the new ones")
-    raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
-    ctx = autocast_context(proc.device, proc.dtype)
-    preflight(raw_model, data, cfg, proc, ctx)
-    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    cfg, explicit = parse_config(sys.argv[1:])
+    # the lock first (rank 0): whether a checkpoint exists, the one to resume and the metrics log are all read
+    # under it, so a second run started a moment after this one cannot decide on what it saw before our save
+    lock = OutDirLock(cfg.out_dir) if os.environ.get("RANK", "0") == "0" else None
+    with lock if lock is not None else contextlib.nullcontext():  # a refused run leaves out_dir as it was
+        cfg, ckpt, proc, data, raw_model = start_run(cfg, explicit)
+        ctx = autocast_context(proc.device, proc.dtype)
+        iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
 
-    torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
-    batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    if proc.sharding:
+        torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
+        batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
+        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        if proc.sharding:
+            if proc.master:
+                describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
+            model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
+        optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         proc.device_type)
+        scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
+        if ckpt:
+            if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
+                from nanomoe.distributed.checkpoint import load_sharded
+                load_sharded(ckpt["sharded"], raw_model, optimizer)
+            restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
+            ckpt = None  # free the memory
+        if not proc.sharding:
+            model = torch.compile(raw_model) if proc.compile else raw_model
+            if proc.ddp:
+                model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+            if proc.master:
+                describe_run(raw_model, cfg, proc, tokens_per_iter)
+        metrics = None
         if proc.master:
-            describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
-        model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
-    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     proc.device_type)
-    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
-    if ckpt:
-        if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
-            from nanomoe.distributed.checkpoint import load_sharded
-            load_sharded(ckpt["sharded"], raw_model, optimizer)
-        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
-        ckpt = None  # free the memory
-    if not proc.sharding:
-        model = torch.compile(raw_model) if proc.compile else raw_model
-        if proc.ddp:
-            model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
-        if proc.master:
-            describe_run(raw_model, cfg, proc, tokens_per_iter)
-    metrics, lock = None, None
-    if proc.master:
-        lock = open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
-        mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
-        metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
+            mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
+            metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
+            lock.start()  # the run writes from here on; removes what saves a kill cut short left
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
                           metrics=metrics, wandb=wandb, optimizer=optimizer, scaler=scaler, batch_gen=batch_gen,
@@ -267,23 +264,43 @@ def step_unless(bad, optimizer, scaler):
 # -----------------------------------------------------------------------------
 # setup
 
-def load_config(argv):
-    """The run's settings, the keys its config files and flags set, and (init_from='resume') the checkpoint,
-    whose settings fill every key the command does not give: a resumed run is the saved run."""
+def parse_config(argv):
+    """The run's settings and the keys its config files and flags set."""
     explicit = set()
-    cfg = SimpleNamespace(**parse_args(KEYS, argv, explicit))
-    ckpt = None
-    if cfg.init_from == "resume":
-        path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
-        if path.endswith(SHARDED):
-            from nanomoe.distributed.checkpoint import load_sharded_meta  # torch's DCP: imported only when needed
-            ckpt = load_sharded_meta(path, TO_RESUME)
-        else:
-            ckpt = load_checkpoint(path, TO_RESUME)
-        for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
-            if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
-                setattr(cfg, k, v)
-    return cfg, explicit, ckpt
+    return SimpleNamespace(**parse_args(KEYS, argv, explicit)), explicit
+
+
+def start_run(cfg, explicit):
+    """Everything before the first write, under out_dir's lock: the checkpoint to resume, the processes, the
+    checks, the data and the model with its preflight. -> (cfg, ckpt, proc, data, raw_model)"""
+    ckpt = read_resumed(cfg, explicit)
+    proc = setup_processes(cfg)
+    check_run(cfg, proc)
+    join(proc, cfg.backend)
+    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
+    if ckpt and data.check_same_data(ckpt["tokenizer"], ckpt.get("data")) and proc.master:
+        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
+              f"training goes on with the new ones")
+    raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
+    preflight(raw_model, data, cfg, proc, autocast_context(proc.device, proc.dtype))
+    return cfg, ckpt, proc, data, raw_model
+
+
+def read_resumed(cfg, explicit):
+    """(init_from='resume') the checkpoint, whose settings fill every key the command does not give: a resumed
+    run is the saved run. None otherwise."""
+    if cfg.init_from != "resume":
+        return None
+    path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
+    if path.endswith(SHARDED):
+        from nanomoe.distributed.checkpoint import load_sharded_meta  # torch's DCP: imported only when needed
+        ckpt = load_sharded_meta(path, TO_RESUME)
+    else:
+        ckpt = load_checkpoint(path, TO_RESUME)
+    for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
+        if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
+            setattr(cfg, k, v)
+    return ckpt
 
 
 def check_run(cfg, proc):
@@ -298,12 +315,17 @@ def check_run(cfg, proc):
         raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl' or 'hf:/path/to/folder'")
     check_sharding(cfg, proc)
-    check_out_dir(cfg.out_dir)
-    ckpt_path = latest_checkpoint(cfg.out_dir)
+    ckpt_path = latest_checkpoint(cfg.out_dir)  # read under out_dir's lock (main)
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
         # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
         raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
                         f"--out_dir (or delete the old run) to start a new one")
+    log = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if cfg.eval_only and cfg.init_from != "resume" and os.path.exists(log):
+        # its eval record would land in another run's log as if that run had made it
+        raise UserError(f"--eval_only=True with init_from={cfg.init_from!r} would add a new model's eval to "
+                        f"{log}, the log of another run; evaluate that run with --init_from=resume, or give "
+                        f"another --out_dir")
     if cfg.save_every and proc.sharding:
         raise UserError(f"save_every={cfg.save_every} keeps copies of ckpt.pt, but a --fsdp / --ep_size run saves a "
                         f"sharded ckpt.dcp and keeps no copies; use --save_interval instead, or train unsharded")

@@ -52,12 +52,19 @@ def atomic_write(path, mode="wb", **open_kwargs):
         raise
 
 
-def is_disk_full(e):
-    """e says the disk (or the quota) is full: an OSError, or a library writing from native code
-    (safetensors: "I/O error: No space left on device (os error 28)")."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(f"os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+def is_disk_full(e, depth=0):
+    """e says the disk (or the quota) is full: an OSError, a library writing from native code (safetensors:
+    "I/O error: No space left on device (os error 28)"), or an error that wraps one (its cause, or the ranks'
+    failures of torch.distributed.checkpoint's CheckpointException)."""
+    if e is None or depth > 5:
+        return False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(f"os error {n})" in str(e) or f"[Errno {n}]" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)):
+        return True
+    wrapped = list(getattr(e, "failures", {}).values()) if isinstance(getattr(e, "failures", None), dict) else []
+    wrapped = [w for v in wrapped for w in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(is_disk_full(w, depth + 1) for w in [e.__cause__, e.__context__, *wrapped])
 
 
 def check_writable_folder(path, key):

@@ -22,9 +22,8 @@ class MetricsLog:
     def __init__(self, path, mode, resume_iter=None):
         self.path = path
         if mode == "resume" and os.path.exists(path):
-            with open(path) as f:
-                kept = [line.rstrip("\n") + "\n" for line in f if line.strip() and record_iter(line) < resume_iter]
-            with atomic_write(path, "w") as f:
+            kept = records_before(path, resume_iter)
+            with atomic_write(path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
         elif mode == "new" and os.path.exists(path):
             n = 1
@@ -43,12 +42,29 @@ class MetricsLog:
             raise
 
 
-def record_iter(line):
-    """The iter of a metrics.jsonl line; a line torn by a crash mid-write counts as after any checkpoint."""
-    try:
-        return json.loads(line).get("iter", 0)
-    except ValueError:
-        return math.inf
+def records_before(path, resume_iter):
+    """The lines of a metrics log whose records come before iteration resume_iter (a resumed run redoes the
+    rest). The last line may be torn by a crash mid-write: it is dropped. Any other line that is not a record
+    (not UTF-8, not JSON, no number for iter) is a UserError naming it: resuming would lose or keep it blindly."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max([n for n, line in enumerate(lines, 1) if line.strip()], default=0)
+    kept = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            it = record["iter"]
+            assert isinstance(it, (int, float)) and not isinstance(it, bool) and math.isfinite(it)
+        except Exception:
+            if n == last:
+                break  # torn by a crash mid-write
+            raise UserError(f"{path} line {n} is damaged (not a JSON record with a number for 'iter'); fix or "
+                            f"delete that line, or move the log away, then resume again") from None
+        if it < resume_iter:
+            kept.append(raw.decode("utf-8") + "\n")
+    return kept
 
 
 def read_metrics(run_dir):
