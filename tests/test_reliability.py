@@ -200,6 +200,74 @@ def train_in_process(args, monkeypatch, capsys):
     return code, out.out + out.err
 
 
+# ----------------------------------------------------------------------------- the run's folder and its lock
+
+def test_a_run_started_while_another_ends_does_not_overwrite_its_checkpoint(trained, shakespeare_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Run A holds out_dir's lock and has no checkpoint yet; run B, a new run on the same out_dir, starts. While
+    B loads its data, A saves its checkpoint and ends. B must stop at the lock, having read nothing of the folder
+    before it (it used to pass the "a checkpoint exists" check first, then take the freed lock and overwrite
+    A's checkpoint)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    a = checkpoint.OutDirLock(str(out))  # run A, training
+    real_data = train.TokenData
+
+    def a_saves_and_ends(*args, **kwargs):
+        shutil.copy(trained / "ckpt.pt", out / "ckpt.pt")
+        a.close()
+        return real_data(*args, **kwargs)
+
+    monkeypatch.setattr(train, "TokenData", a_saves_and_ends)
+    code, output = train_in_process(train_args(shakespeare_data, out, "--max_iters=2"), monkeypatch, capsys)
+    a.close()
+    assert code == 2 and output.strip().splitlines() == [output.strip()], output
+    assert output.startswith("error: out_dir") and "is in use by another train.py" in output, output
+    assert sorted(os.listdir(out)) == [".lock"]  # B wrote nothing (A, still running, has not saved yet)
+
+
+def test_a_resume_while_another_run_holds_the_lock_is_one_line(trained, shakespeare_data, tmp_path):
+    """A single-process resume while a (torchrun) run trains in the folder: the lock refuses it before it reads
+    the checkpoint the other run is rewriting; the folder is untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    other = checkpoint.OutDirLock(str(out))  # the torchrun run's rank 0
+    before = snapshot(out)
+    r = run_script(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=6"), cwd=tmp_path)
+    assert_user_error(r, "is in use by another train.py", f"pid {os.getpid()}")
+    assert snapshot(out) == before
+    other.close()
+
+
+def test_a_refused_new_run_leaves_no_folder_behind(shakespeare_data, tmp_path):
+    """The lock is taken before the checks; a run refused after it removes the folders it created."""
+    out = tmp_path / "new" / "deeper" / "out"
+    r = run_script(train_args(shakespeare_data, out, "--n_head=3"), cwd=tmp_path)
+    assert_user_error(r, "n_head=3")
+    assert os.listdir(tmp_path) == []
+
+
+def _sharded_folder(path, ours):
+    """A folder named like a sharded checkpoint: ours carries save_sharded's manifest, a user's does not."""
+    path.mkdir()
+    (path / "notes.txt").write_text("a user's file")
+    if ours:
+        (path / checkpoint.MANIFEST).write_text(json.dumps({"format": checkpoint.MANIFEST_FORMAT, "files": None}))
+
+
+def test_resume_removes_only_the_sharded_folders_its_saves_made(trained, shakespeare_data, tmp_path):
+    """An unsharded resume clears what killed sharded saves left (their folders carry our manifest), and keeps
+    a user's own folders that merely look like them."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    for name, ours in [("ckpt-5.dcp", False), (".tmp-ckpt.dcp", False), ("ckpt-7.dcp", True), ("ckpt-8-1.dcp", True)]:
+        _sharded_folder(out / name, ours)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=5",
+                                    "--eval_interval=2"), cwd=tmp_path))
+    assert (out / "ckpt-5.dcp" / "notes.txt").exists() and (out / ".tmp-ckpt.dcp" / "notes.txt").exists()
+    assert not (out / "ckpt-7.dcp").exists() and not (out / "ckpt-8-1.dcp").exists()
+
+
 def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
     """train_in_process with the training loss made NaN at the iterations in nan_iters (the forward pass
     reads the iteration from get_lr, which the loop calls once per iteration first)."""
@@ -475,6 +543,24 @@ def _remove(*paths):
     return lambda case: [(case / p).unlink() for p in paths]
 
 
+def _lock_folder(case):
+    (case / "out" / ".lock").unlink()
+    (case / "out" / ".lock").mkdir()
+
+
+# a line of metrics.jsonl that is not a record, followed by good ones (a torn last line is normal: dropped)
+DAMAGED_LOG_LINES = {"not-json": b"{iter: 1", "string-iter": b'{"type": "eval", "iter": "two"}',
+                     "null-iter": b'{"type": "eval", "iter": null}', "no-iter": b'{"type": "eval"}',
+                     "list": b"[1, 2]", "latin-1": '{"type": "caf\xe9", "iter": 1}'.encode("latin-1")}
+
+
+def _damage_log(line):
+    def setup(case):
+        lines = (case / "out" / "metrics.jsonl").read_bytes().splitlines()
+        (case / "out" / "metrics.jsonl").write_bytes(b"\n".join([lines[0], line, *lines[1:]]) + b"\n")
+    return setup
+
+
 # (id, script, arguments after the usual ones ({case} is the case's folder), setup of the folder, words in the error)
 BAD_INPUTS = [
     ("unknown-key", "train.py", ["--n_embed=32"], None, ["unknown config key 'n_embed'", "did you mean 'n_embd'?"]),
@@ -619,6 +705,12 @@ BAD_INPUTS = [
     ("norm_eps-zero", "train.py", ["--norm_eps=0"], None, ["norm_eps=0", "> 0"]),
     ("first_dense_layers-all", "train.py", ["--n_experts=4", "--first_dense_layers=2"], None,
      ["first_dense_layers=2 leaves no MoE layer", "n_layer=2"]),
+    # the run's folder: what it holds is read under its lock
+    ("eval_only-new-model-into-another-runs-log", "train.py", ["--eval_only=True", "--out_dir={case}/out"], None,
+     ["--eval_only=True with init_from='scratch'", "metrics.jsonl", "--init_from=resume"]),
+    ("lock-is-a-folder", "train.py", ["--init_from=resume"], _lock_folder, [".lock is a folder", "remove it"]),
+    *[(f"resume-metrics-log-{name}", "train.py", ["--init_from=resume"], _damage_log(line),
+       ["metrics.jsonl line 2 is damaged", "fix or delete that line"]) for name, line in DAMAGED_LOG_LINES.items()],
 ]
 
 
