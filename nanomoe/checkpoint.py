@@ -214,7 +214,12 @@ class OutDirLock:
         while not os.path.exists(missing):
             self.created.insert(0, missing)
             missing = os.path.dirname(missing)
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:  # a special filesystem (/proc, /sys) or a read-only one that os.access misjudged
+            self.abandon()
+            raise UserError(f"cannot create out_dir '{out_dir}': {e.strerror or e} (choose another --out_dir)") \
+                from None
         if os.path.isdir(self.path) or os.path.islink(self.path) and not os.path.exists(self.path):
             self.abandon()
             raise UserError(f"{self.path} is {'a folder' if os.path.isdir(self.path) else 'a broken link'}, not "
@@ -226,7 +231,11 @@ class OutDirLock:
             import fcntl
         except ImportError:  # Windows: no flock; runs there are not guarded
             return
-        self.file = open(self.path, "a+")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            self.abandon()
+            raise UserError(f"cannot write {self.path}: {e.strerror or e} (choose another --out_dir)") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

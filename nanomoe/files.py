@@ -67,20 +67,30 @@ def is_disk_full(e, depth=0):
     return any(is_disk_full(w, depth + 1) for w in [e.__cause__, e.__context__, *wrapped])
 
 
-def check_writable_folder(path, key):
-    """Fail before anything is written if the folder `path` (the setting `key`) cannot be used: empty, a file,
-    under a file, or where we may not write (permissions, a read-only filesystem). It need not exist yet."""
+def check_writable_folder(path, key, flag=None):
+    """Fail before anything is written if the folder `path` (the setting `key`, given as `flag`: --key by
+    default) cannot be used: empty, a file, under a file, or where we may not write (permissions, a read-only
+    filesystem). It need not exist yet."""
+    flag = flag or f"--{key}"
     if not path:
-        raise UserError(f"{key} is empty: name a folder (--{key}=path)")
+        raise UserError(f"{key} is empty: name a folder ({flag}=path)")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{key} '{path}' is a file, not a folder (choose another --{key})")
+        raise UserError(f"{key} '{path}' is a file, not a folder (choose another {flag})")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another --{key})")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{key} '{path}' is not writable (choose another --{key} or fix its permissions)")
+        raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another {flag})")
+    if not os.access(existing, os.W_OK) or is_read_only_fs(existing):
+        raise UserError(f"{key} '{path}' is not writable (choose another {flag} or fix its permissions)")
+
+
+def is_read_only_fs(folder):
+    """os.access says yes to root on a read-only mount; statvfs knows."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # Windows has no statvfs
+        return False
 
 
 def disk_full_message(path):

@@ -3,7 +3,9 @@ The tools (tools/, run as `python -m tools.NAME`): bench times train.py's own st
 plot draws runs' metrics.jsonl; study trains the variants, tabulates seeds and resumes; consolidate refuses
 a run without a sharded checkpoint. Each bad input is one line.
 """
+import errno
 import json
+import os
 import re
 import shutil
 from types import SimpleNamespace
@@ -173,6 +175,82 @@ def test_an_existing_image_is_replaced_only_with_force(runs, tmp_path, capsys):
     code, _, _ = plot_cli([runs[1], "-o", tmp_path / "mine.png", "--force"], capsys)
     assert code == 0
     assert_png(tmp_path / "mine.png")
+
+
+# metrics records of the wrong types (a damaged or hand-edited log): skipped, each with a warning naming its line
+DAMAGED_RECORDS = {"string-iter": '{"type": "eval", "iter": "4", "val_loss": 1.0}',
+                   "null-iter": '{"type": "eval", "iter": null, "val_loss": 1.0}',
+                   "float-iter": '{"type": "eval", "iter": 2.5, "val_loss": 1.0}',
+                   "string-val_loss": '{"type": "eval", "iter": 4, "val_loss": "low"}',
+                   "empty-expert_load": '{"type": "eval", "iter": 4, "val_expert_load": []}',
+                   "ragged-expert_load": '{"type": "eval", "iter": 4, "val_expert_load": [[0.5, 0.5], [1.0]]}',
+                   "no-type": '{"iter": 4, "val_loss": 1.0}', "list": "[4, 1.0]", "number": "4"}
+
+
+@pytest.mark.parametrize("name", DAMAGED_RECORDS)
+def test_damaged_metrics_records_are_skipped_with_a_warning_naming_the_line(runs, tmp_path, capsys, name):
+    live = tmp_path / "run"
+    shutil.copytree(runs[1], live)
+    lines = (live / "metrics.jsonl").read_text().splitlines()
+    (live / "metrics.jsonl").write_text("\n".join([lines[0], DAMAGED_RECORDS[name], *lines[1:]]) + "\n")
+    records = plot.read_metrics(live)
+    assert records == plot.read_metrics(runs[1])  # the good records, all of them
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {live / 'metrics.jsonl'} line 2 ") and "skipped" in err[0]
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_a_damaged_record_still_plots_the_rest(runs, tmp_path, capsys):
+    live = tmp_path / "run"
+    shutil.copytree(runs[1], live)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write(DAMAGED_RECORDS["string-iter"] + "\n" + DAMAGED_RECORDS["empty-expert_load"] + "\n")
+    code, out, err = plot_cli([live, "-o", tmp_path / "x.png"], capsys)
+    assert code == 0 and err.count("warning: ") == 2, err
+    assert_png(tmp_path / "x_experts.png")
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("name, words", [("", ["is not a file name"]), ("{tmp}", ["is not a file name"]),
+                                         ("{tmp}/x.xyz", ["cannot write '.xyz' images", ".png"]),
+                                         ("{tmp}/nofolder/x.png", ["does not exist"]),
+                                         ("{tmp}/afile/x.png", ["afile", "is a file"])])
+def test_plot_output_names_that_cannot_be_used_are_one_line(runs, tmp_path, capsys, name, words):
+    (tmp_path / "afile").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = plot_cli([runs[1], "-o", name.replace("{tmp}", str(tmp_path))], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_plot_output_without_an_extension_is_written_as_the_png_it_names(runs, tmp_path, capsys):
+    code, out, err = plot_cli([runs[1], "-o", tmp_path / "curves"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [f"wrote {tmp_path / 'curves.png'}", f"wrote {tmp_path / 'curves_experts.png'}"]
+    assert_png(tmp_path / "curves.png")
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "curves_experts.png"]
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_plot_on_a_full_disk_keeps_the_old_image_and_leaves_no_partial_file(runs, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+    (tmp_path / "mine.png").write_bytes(b"the old picture")
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig_until_full(self, f, *args, **kwargs):
+        real(self, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_until_full)
+    code, out, err = plot_cli([runs[1], "-o", tmp_path / "mine.png", "--force"], capsys)
+    assert code == 2 and err.startswith("error: the disk is full") and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["mine.png"]
+    assert (tmp_path / "mine.png").read_bytes() == b"the old picture"
 
 
 # ----------------------------------------------------------------------------- study
