@@ -92,8 +92,8 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
     if not os.path.isfile(path):
         folder = os.path.dirname(path) or "."
         if os.path.exists(os.path.join(folder, SHARDED)):
-            raise UserError(f"no checkpoint at {path}, but {folder} holds a sharded one ({SHARDED}); make a single "
-                            f"file of it with: python -m tools.consolidate {folder} (then --ckpt={CONSOLIDATED})")
+            raise UserError(f"no checkpoint at {path}, but {folder} holds a sharded one ({SHARDED}, a sharded run "
+                            f"keeps no best.pt): read that one with --ckpt={SHARDED}")
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir / --init_from)")
     # torch.save writes a zip whose entries carry CRC32s that torch.load never checks: test them here (about
     # as fast as reading the file) so bytes damaged on disk or in a copy are refused instead of loaded as weights
@@ -120,6 +120,26 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
         raise UserError(f"{path} is not a nanoMoE checkpoint (no 'model'/'model_args' entries)")
     check_entries(ckpt, path, needs)
     return ckpt
+
+
+def read_checkpoint(out_dir, name="ckpt.pt", needs=()):
+    """A run's checkpoint as one dict with its weights, whatever its format, in this process: out_dir/name, or
+    the sharded ckpt.dcp (name ckpt.dcp, or the default ckpt.pt when a sharded run saved last) read from its
+    shards without a consolidation step. What sample.py, tools.export and tools.experts load."""
+    if name == SHARDED or name == "ckpt.pt" and latest_checkpoint(out_dir).endswith(SHARDED):
+        from nanomoe.distributed.checkpoint import read_sharded  # torch's DCP: imported only when needed
+        return read_sharded(os.path.join(out_dir, SHARDED), needs)
+    return load_checkpoint(os.path.join(out_dir, name), needs)
+
+
+def check_finite_weights(ckpt, path):
+    """A checkpoint whose weights hold NaN or Inf (a run that diverged, a damaged copy) cannot sample or export
+    anything meaningful: one line naming the tensors."""
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the "
+                        f"run diverged before it was saved, or the file is damaged; use best.pt or an earlier "
+                        f"checkpoint of the run")
 
 
 def check_entries(ckpt, path, needs):

@@ -307,7 +307,8 @@ def test_text_in_another_encoding_is_one_line_and_reads_with_encoding(tmp_path, 
 
 
 @pytest.mark.parametrize("content, words", [(bytes(range(256)) * 4, ["is not utf-8 text"]),
-                                            (b"\xff\xfe" + b"\x00\xd8" * 8, ["is not utf-16 text"])])
+                                            (b"\xff\xfe" + b"\x00\xd8" * 8, ["is not utf-16 text"])],
+                         ids=["binary", "utf-16-lone-surrogates"])
 def test_binary_or_undecodable_input_is_one_line(tmp_path, content, words):
     (tmp_path / "blob.txt").write_bytes(content)
     encoding = "utf-16" if "utf-16" in words[0] else "utf-8"

@@ -561,6 +561,22 @@ def _damage_log(line):
     return setup
 
 
+def _write_bytes(name, data):
+    return lambda case: (case / name).write_bytes(data)
+
+
+def _nan_weight(case):
+    """A checkpoint of a run that diverged (or was damaged): one weight NaN, every file otherwise sound."""
+    ckpt = torch.load(case / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.ln_f.weight"][0] = float("nan")
+    torch.save(ckpt, case / "out" / "ckpt.pt")
+
+
+# text that is not UTF-8: Latin-1, UTF-16 (with its byte-order mark), binary
+NOT_UTF8 = {"latin-1": "batch_size = 4  # café\n".encode("latin-1"),
+            "utf-16": "batch_size = 4\n".encode("utf-16"), "binary": bytes(range(128, 256))}
+
+
 # (id, script, arguments after the usual ones ({case} is the case's folder), setup of the folder, words in the error)
 BAD_INPUTS = [
     ("unknown-key", "train.py", ["--n_embed=32"], None, ["unknown config key 'n_embed'", "did you mean 'n_embd'?"]),
@@ -658,6 +674,13 @@ BAD_INPUTS = [
     ("sample-no-checkpoint", "sample.py", ["--out_dir={case}/empty"], None, ["no checkpoint at", "empty"]),
     ("sample-corrupt-checkpoint", "sample.py", [], _damage("out/ckpt.pt"), ["corrupt", "CRC"]),
     ("n_experts-negative", "train.py", ["--n_experts=-1"], None, ["n_experts=-1", "must be >= 0"]),
+    *[(f"config-file-{name}", "train.py", ["{case}/conf.py"], _write_bytes("conf.py", data),
+       ["config file", "conf.py", "is not UTF-8 text"]) for name, data in NOT_UTF8.items()],
+    *[(f"sample-prompt-file-{name}", "sample.py", ["--start=FILE:{case}/prompt.txt"], _write_bytes("prompt.txt", data),
+       ["prompt file", "prompt.txt", "is not UTF-8 text"]) for name, data in NOT_UTF8.items()],
+    ("sample-nan-weights", "sample.py", [], _nan_weight, ["non-finite weights", "transformer.ln_f.weight", "best.pt"]),
+    ("export-nan-weights", "tools.export", ["--hf_dir={case}/hf"], _nan_weight,
+     ["non-finite weights", "transformer.ln_f.weight"]),
     ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["lacks tokenizer", "train it again"]),
     ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature=0.0", "must be > 0"]),
     # MLA and F-gram settings (the tiny model: n_embd=32, 2 heads of 16)
@@ -734,7 +757,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trai
     shutil.copytree(trained, case / "out")
     if setup:
         setup(case)
-    if script == "train.py":
+    if script == "tools.export":
+        args = [script, f"--out_dir={case / 'out'}"]
+    elif script == "train.py":
         # a new run goes to a new out_dir (one over a finished run's checkpoint is its own bad input)
         resume = any(a.startswith("--init_from=resume") for a in extra) or case_id == "scratch-over-a-checkpoint"
         args = train_args(case / "data", case / ("out" if resume else "new"), "--max_iters=6", "--eval_interval=2")
@@ -745,3 +770,39 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trai
     r = run(args, cwd=case, check=False) if as_subprocess else run_script(args, cwd=case)
     assert_user_error(r, *words)
     assert snapshot(case, shakespeare_data) == before
+
+
+# every float setting of the scripts, given a value that is not a finite number: refused while the arguments are
+# read, before any file, process group or model. The values take turns: inf, nan, 1e999 (Python reads it as
+# inf), -inf; one of them in a config file instead of a flag
+NON_FINITE = ["inf", "nan", "1e999", "-inf"]
+
+
+def _float_keys():
+    import sample
+    for script, keys in (("train.py", train.KEYS), ("sample.py", sample.KEYS)):
+        for key, spec in keys.items():
+            if float in spec.types:
+                yield script, key
+
+
+FLOAT_KEYS = list(_float_keys())
+
+
+@pytest.mark.parametrize("script, key, value, in_file",
+                         [(script, key, NON_FINITE[i % 4], i % 5 == 4) for i, (script, key) in enumerate(FLOAT_KEYS)],
+                         ids=[f"{script[:-3]}-{key}" for script, key in FLOAT_KEYS])
+def test_non_finite_float_settings_are_refused_before_anything_runs(shakespeare_data, trained, tmp_path, script, key,
+                                                                    value, in_file):
+    assert len(FLOAT_KEYS) >= 16  # learning_rate, min_lr, dropout, rope_theta, z_loss_weight, temperature, ...
+    if in_file:
+        (tmp_path / "conf.py").write_text(f"{key} = float({value!r})\n")
+    setting = [str(tmp_path / "conf.py")] if in_file else [f"--{key}={value}"]
+    if script == "train.py":
+        args = train_args(shakespeare_data, tmp_path / "new", "--max_iters=2", *setting)
+    else:
+        args = ["sample.py", f"--out_dir={trained}", "--device=cpu", "--num_samples=1", "--max_new_tokens=2", *setting]
+    before = snapshot(tmp_path, trained)
+    r = run_script(args, cwd=tmp_path)
+    assert_user_error(r, f"{key}=", "is not a finite number", f"--{key}")
+    assert snapshot(tmp_path, trained) == before

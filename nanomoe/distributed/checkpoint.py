@@ -172,16 +172,33 @@ def load_sharded(path, model, optimizer=None):
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat_optimizer_state())
 
 
+def read_sharded(path, needs=()):
+    """A sharded checkpoint read in this process, without a process group: every entry and the weights (all
+    shards), as the dict load_checkpoint gives for a ckpt.pt (the optimizer only when needs asks for it)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    meta = load_sharded_meta(path, needs)
+    model = model_from_checkpoint(meta)
+    optimizer = None
+    if "optimizer" in needs:
+        c = meta["config"]
+        optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                         "cpu")
+    try:
+        load_sharded(meta["sharded"], model, optimizer)
+    except (Exception, CheckpointException) as e:  # the manifest matched, so this is not damage on disk
+        raise UserError(f"cannot read sharded checkpoint {path}: {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[-1][:200]}") from None
+    ckpt = {**{k: v for k, v in meta.items() if k not in ("model_args", "sharded")}, **model_state(model)}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    return ckpt
+
+
 def consolidate(out_dir, dest=None):
     """The sharded checkpoint of out_dir as one ordinary checkpoint file (weights, optimizer and every other
     entry; resumable by an unsharded run, readable by sample.py and tools.export). -> the file's path."""
-    meta = load_sharded_meta(os.path.join(out_dir, SHARDED), needs=TO_RESUME)
-    model = model_from_checkpoint(meta)
-    c = meta["config"]
-    optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
-    load_sharded(meta["sharded"], model, optimizer)
-    ckpt = {**model_state(model), **{k: v for k, v in meta.items() if k not in ("model_args", "sharded")},
-            "optimizer": optimizer.state_dict()}
+    ckpt = read_sharded(os.path.join(out_dir, SHARDED), needs=TO_RESUME)
     dest = dest or os.path.join(out_dir, CONSOLIDATED)
     save_checkpoint(ckpt, dest)
     return dest
