@@ -356,7 +356,7 @@ def latest_checkpoint(out_dir):
     """The checkpoint a resumed run continues: ckpt.pt or the sharded ckpt.dcp, whichever was saved last (each
     save removes the other, but a kill between the two leaves both)."""
     plain, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, SHARDED)
-    if not os.path.exists(sharded):
+    if not os.path.lexists(sharded):  # a link to a folder that has gone is still the latest (and says so)
         return plain
     if os.path.exists(plain) and os.path.getmtime(plain) > os.lstat(sharded).st_mtime:  # the link moves last
         return plain

@@ -4,6 +4,7 @@ token files, logs): a temporary name in the same folder, fsync, an atomic rename
 """
 import errno
 import os
+import tempfile
 from contextlib import contextmanager
 
 from nanomoe.errors import UserError
@@ -81,16 +82,20 @@ def check_writable_folder(path, key, flag=None):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another {flag})")
-    if not os.access(existing, os.W_OK) or is_read_only_fs(existing):
+    if not os.access(existing, os.W_OK) or not can_create_files(existing):
         raise UserError(f"{key} '{path}' is not writable (choose another {flag} or fix its permissions)")
 
 
-def is_read_only_fs(folder):
-    """os.access says yes to root on a read-only mount; statvfs knows."""
+def can_create_files(folder):
+    """Whether a file can be created in folder: os.access says yes to root on a read-only mount and on special
+    filesystems (/proc, /sys), so try it (an empty temp file, removed at once)."""
     try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (AttributeError, OSError):  # Windows has no statvfs
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+    except OSError:
         return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 def disk_full_message(path):

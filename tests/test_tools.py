@@ -309,3 +309,55 @@ def test_consolidate_without_a_sharded_checkpoint(tmp_path, capsys):
     # its other bad inputs are those of loading a checkpoint: test_reliability.py
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "has no sharded checkpoint (ckpt.dcp)" in err
+
+
+def _fake_sharded_run(folder):
+    """An out_dir whose ckpt.dcp link exists (its checks on --dest come before any shard is read)."""
+    (folder / "ckpt-2.dcp").mkdir(parents=True)
+    os.symlink("ckpt-2.dcp", folder / "ckpt.dcp")
+    return folder
+
+
+@pytest.mark.parametrize("dest, words", [
+    ("{run}/consolidated.pt", ["consolidated.pt already exists", "--force"]),
+    ("", ["--dest '' is not a file name"]),
+    ("{tmp}", ["is not a file name"]),
+    ("{tmp}/afile/moe.pt", ["afile", "is a file"]),
+    ("{tmp}/nofolder/moe.pt", ["the folder", "nofolder", "does not exist"]),
+    ("/proc/moe.pt", ["--dest", "/proc"]),
+    ("{tmp}/mine", ["mine.pt already exists", "--force"]),  # no extension: completed with .pt, then checked
+], ids=["exists", "empty", "a-folder", "under-a-file", "folder-missing", "under-proc", "completed-exists"])
+def test_consolidate_dest_that_cannot_be_used_is_one_line_and_writes_nothing(tmp_path, capsys, dest, words):
+    run_dir = _fake_sharded_run(tmp_path / "run")
+    (run_dir / "consolidated.pt").write_bytes(b"a consolidated file from before")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mine.pt").write_bytes(b"mine")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    code, out, err = run_main(consolidate.main, [run_dir, "--dest", dest.replace("{run}", str(run_dir)).replace(
+        "{tmp}", str(tmp_path))], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- every argument parser
+
+# an option written short: argparse would take it as the longer option it starts (`--seed 3` as `--seeds 3`)
+ABBREVIATED = [("prepare", ["text", "--input", "x.txt", "--val", "0.2"], "--val"),
+               ("plot", ["run", "--forc"], "--forc"),
+               ("consolidate", ["run", "--des", "x.pt"], "--des"),
+               ("experts", ["run", "--max", "5"], "--max"),
+               ("study", ["--seed", "3"], "--seed")]
+
+
+@pytest.mark.parametrize("tool, argv, option", ABBREVIATED, ids=[t for t, _, _ in ABBREVIATED])
+def test_no_parser_takes_an_abbreviated_option(tmp_path, capsys, monkeypatch, tool, argv, option):
+    import prepare
+    from tools import experts
+    main = {"prepare": prepare.main, "plot": plot.main, "consolidate": consolidate.main, "experts": experts.main,
+            "study": study.main}[tool]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: unrecognized arguments") and option in err, err
+    assert os.listdir(tmp_path) == []
