@@ -100,6 +100,7 @@ KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides v
 
 
 def main():
+    t_start = time.time()
     cfg, explicit = parse_config(sys.argv[1:])
     # the lock first (rank 0): whether a checkpoint exists, the one to resume and the metrics log are all read
     # under it, so a second run started a moment after this one cannot decide on what it saw before our save
@@ -140,13 +141,14 @@ def main():
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
                           metrics=metrics, wandb=wandb, optimizer=optimizer, scaler=scaler, batch_gen=batch_gen,
                           ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), tokenizer=data.tokenizer_meta(),
-                          data_fingerprint=data.fingerprint())
+                          data_fingerprint=data.fingerprint(), stop_requested=None)
 
     if cfg.eval_only:
         evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
         finish(proc, lock)
         return
-    stop_requested = install_stop_handlers(proc.master)
+    # a signal stops the run after the step it arrives in, or at once during an evaluation (which can be long)
+    stop_requested = run.stop_requested = install_stop_handlers(proc.master)
     # MFU counts the model's parameters, of which an expert-parallel rank holds only its share: not shown there
     peak = gpu_peak_flops(proc.device, cfg.peak_flops) if "ep" not in proc.sharding else None
     accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
@@ -155,7 +157,11 @@ def main():
     t0, step_time, running_mfu, last_eval_iter = time.time(), None, -1.0, None
     while iter_num < cfg.max_iters:
         if iter_num % cfg.eval_interval == 0 and last_eval_iter != iter_num:
-            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            evaluated = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if evaluated is None:  # abandoned for a signal
+                stop(run, nonfinite, iter_num, best_val_loss)
+                break
+            improved, best_val_loss = evaluated
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
                 save(run, "eval", iter_num, best_val_loss, improved)
             last_eval_iter, t0 = iter_num, time.time()  # the eval's time is not the step's
@@ -191,18 +197,41 @@ def main():
         # a signal stops the run after this step; under DDP every rank must agree on which step, so the ranks
         # compare their flags (a collective) at log steps only
         if (not proc.ddp or iter_num % cfg.log_interval == 0) and any_rank(bool(stop_requested), proc):
-            check_nonfinite(nonfinite, run)
-            save(run, "stopped by signal", iter_num, best_val_loss)
-            if proc.master:
-                print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+            stop(run, nonfinite, iter_num, best_val_loss)
             break
     else:
         check_nonfinite(nonfinite, run)
+        evaluated = None
         if last_eval_iter != iter_num:  # the final model is always evaluated (and saved by the usual rule)
-            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                save(run, "eval", iter_num, best_val_loss, improved)
+            evaluated = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if evaluated is None:
+                stop(run, nonfinite, iter_num, best_val_loss)
+            else:
+                improved, best_val_loss = evaluated
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                    save(run, "eval", iter_num, best_val_loss, improved)
+    if proc.master:
+        print(summary(run, best_val_loss, time.time() - t_start))
     finish(proc, lock)
+
+
+def stop(run, nonfinite, iter_num, best_val_loss):
+    """A signal asked the run to stop: save where it is (resumable), say how to continue."""
+    check_nonfinite(nonfinite, run)
+    save(run, "stopped by signal", iter_num, best_val_loss)
+    if run.proc.master:
+        print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={run.cfg.out_dir}")
+
+
+def summary(run, best_val_loss, seconds):
+    """The run's last line: what it reached, how long it took, where its checkpoint is and how to sample it."""
+    best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no val loss yet"
+    path = latest_checkpoint(run.cfg.out_dir)
+    if not os.path.lexists(path):
+        return f"done: {best}, {duration(seconds)}; no checkpoint saved (always_save_checkpoint=False and no eval " \
+               f"improved on the start)"
+    return f"done: {best}, {duration(seconds)}; checkpoint {path}; sample it: python sample.py " \
+           f"--out_dir={run.cfg.out_dir}"
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +427,7 @@ def describe_run(model, cfg, proc, tokens_per_iter):
         if seconds > 30 * 60:
             recipe = ("train_shakespeare_hybrid_cpu.py" if model.config.mamba_layers else
                       "train_shakespeare_moe_cpu.py" if hasattr(model, "moe_layers") else "train_shakespeare_char_cpu.py")
-            print(f"note: this config is sized for a GPU: on this CPU it would take about {seconds / 3600:.1f} hours "
+            print(f"note: this config is sized for a GPU: on this CPU it would take about {duration(seconds)} "
                   f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 
 
@@ -465,7 +494,8 @@ def log_line(it, max_iters, stats, lr, dt, tokens_per_iter, running_mfu, eta):
 def evaluate(run):
     """Mean CE (and balance loss, expert load) per split. Each rank takes an equal share of eval_iters (at
     least one batch, so the mean of the ranks' means is the mean); its own generator keeps the training
-    batches independent of whether an eval happened. A long eval says so once it has timed a batch."""
+    batches independent of whether an eval happened. A long eval says so once it has timed a batch. A signal
+    (Ctrl-C) abandons it after the batch it arrives in: -> None."""
     cfg, proc = run.cfg, run.proc
     n = math.ceil(cfg.eval_iters / proc.world_size)
     out, t0 = {}, time.time()
@@ -480,6 +510,11 @@ def evaluate(run):
             for k, v in {"loss": loss, **extra}.items():
                 if k != "aux_loss":
                     sums[k] = sums.get(k, 0) + v.detach().float()
+            if run.stop_requested is not None and any_rank(bool(run.stop_requested), proc):
+                run.model.train()
+                if proc.master:
+                    print(f"evaluation abandoned after {i + 1} of {n} {split} batches", flush=True)
+                return None
             if split == "train" and i == 0 and proc.master:
                 estimate = (time.time() - t0) * 2 * n
                 if estimate > 5:
@@ -491,8 +526,11 @@ def evaluate(run):
 
 
 def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
-    """Evaluate, print, record; -> (whether val loss improved, the new best val loss)."""
+    """Evaluate, print, record; -> (whether val loss improved, the new best val loss), or None when a signal
+    abandoned the evaluation (nothing recorded)."""
     ev = evaluate(run)
+    if ev is None:
+        return None
     if "val_expert_load" in ev:  # max/min load, load CV, dead experts (moe_model.load_stats)
         ev.update({f"val_{k}": v for k, v in load_stats(ev["val_expert_load"]).items()})
     val_loss = float(ev["val_loss"])

@@ -104,8 +104,10 @@ def pyplot(who_needs_it):
 
 
 def duration(seconds):
-    """3h05m, 4m10s, 12s: how long, at a glance."""
+    """48d07h, 3h05m, 4m10s, 12s: how long, at a glance."""
     seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:

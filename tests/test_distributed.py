@@ -564,6 +564,8 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     target = os.readlink(out / SHARDED)
     iter_num = int(target.split("-")[1][:-len(".dcp")])
     (out / ".tmp-ckpt.dcp").mkdir(exist_ok=True)
+    # a save writes its manifest first (files: null, completed at the end): what marks the folder as ours
+    (out / ".tmp-ckpt.dcp" / "manifest.json").write_text('{"format": "nanoMoE sharded checkpoint", "files": null}')
     (out / ".tmp-ckpt.dcp" / "__0_0.distcp").write_bytes(b"half")
     shutil.copytree(out / target, out / f"ckpt-{iter_num + 1}.dcp")  # renamed, not linked yet: not the latest
     os.symlink(f"ckpt-{iter_num + 1}.dcp", out / ".tmp-ckpt.dcp.12345")  # the new link, before its rename

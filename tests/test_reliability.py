@@ -268,6 +268,52 @@ def test_resume_removes_only_the_sharded_folders_its_saves_made(trained, shakesp
     assert not (out / "ckpt-7.dcp").exists() and not (out / "ckpt-8-1.dcp").exists()
 
 
+def test_ctrl_c_during_a_long_evaluation_abandons_it_within_a_batch(trained, shakespeare_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    """A signal during an evaluation of 100,000 batches per split (a resumed run's first, at iter 4): the eval
+    stops after the batch it arrives in and records nothing, the run saves where it is, says how to continue
+    and ends 0."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    records = read_metrics(out)
+    real_forward, real_evaluate, eval_batches = model_module.GPT.forward, train.evaluate, []
+
+    def evaluate(run):
+        eval_batches.append(0)  # counts from here
+        return real_evaluate(run)
+
+    def forward(self, idx, targets=None):
+        if eval_batches:
+            eval_batches.append(1)
+            if len(eval_batches) == 4:  # the 3rd batch
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, idx, targets)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    code, output = train_in_process(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=8",
+                                               "--eval_iters=100000"), monkeypatch, capsys)
+    assert code == 0, output
+    assert len(eval_batches) == 4  # the batch the signal arrived in was the last
+    assert "evaluation abandoned after 3 of 100000 train batches" in output
+    assert "saved checkpoint" in output and "stopped at iter 4; continue with --init_from=resume" in output
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 4
+    assert read_metrics(out) == [r for r in records if r["iter"] < 4]  # none of the abandoned eval (the resume
+    # dropped the old run's records from iter 4 on: it redoes them)
+
+
+def test_a_run_ends_with_a_summary_line_whose_sample_command_works(trained, tmp_path, shakespeare_data):
+    out = tmp_path / "out"
+    r = run_script(train_args(shakespeare_data, out, "--max_iters=2", "--eval_interval=2"), cwd=tmp_path)
+    assert_ok(r)
+    last = r.stdout.strip().splitlines()[-1]
+    best = min(rec["val_loss"] for rec in read_metrics(out) if rec["type"] == "eval")
+    assert last.startswith(f"done: best val loss {best:.4f}, ") and f"checkpoint {out / 'ckpt.pt'};" in last, last
+    command = last.split("sample it: ")[1].split()
+    assert command[:2] == ["python", "sample.py"]
+    assert_ok(run_script([*command[1:], "--device=cpu", "--num_samples=1", "--max_new_tokens=4"], cwd=tmp_path))
+
+
 def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
     """train_in_process with the training loss made NaN at the iterations in nan_iters (the forward pass
     reads the iteration from get_lr, which the loop calls once per iteration first)."""
