@@ -689,3 +689,17 @@ def test_a_sharded_save_on_a_full_disk_is_one_line_and_leaves_no_temporary_folde
 def load_sharded_check(out):
     from nanomoe.distributed.checkpoint import read_sharded
     return read_sharded(str(out / SHARDED), needs=("tokenizer",))["iter_num"] == 2
+
+
+@pytest.mark.parametrize("bad", [["--n_head=3"], ["--learning_rate=inf"], ["--init_from=resume"]],
+                         ids=["model-setting", "non-finite", "nothing-to-resume"])
+def test_a_bad_input_under_torchrun_is_our_error_line_once_without_our_traceback(shakespeare_data, tmp_path, bad):
+    """Every rank meets the bad input; rank 0 alone prints the line. torchrun's own failure summary may follow
+    (the README says so), but no traceback from our code."""
+    r = torchrun(tmp_path, *TINY, *DENSE, *data_args(shakespeare_data), f"--out_dir={tmp_path / 'out'}",
+                 "--max_iters=2", *bad)
+    assert r.returncode != 0
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    assert f'File "{REPO}' not in r.stdout + r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
