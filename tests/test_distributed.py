@@ -703,3 +703,25 @@ def test_a_bad_input_under_torchrun_is_our_error_line_once_without_our_traceback
     assert len(errors) == 1, r.stderr
     assert f'File "{REPO}' not in r.stdout + r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_consolidating_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_one(fsdp_moe_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    from conftest import run_main
+    from tools import consolidate as tool
+    src, _ = fsdp_moe_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out, symlinks=True)
+    (out / "consolidated.pt").write_bytes(b"the file from before")
+    real_save = torch.save
+
+    def save_half(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    code, out_text, err = run_main(tool.main, [out, "--force"], capsys)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 2 and err.startswith("error: the disk is full") and len(err.strip().splitlines()) == 1, err
+    assert (out / "consolidated.pt").read_bytes() == b"the file from before"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]

@@ -727,6 +727,12 @@ BAD_INPUTS = [
     ("sample-nan-weights", "sample.py", [], _nan_weight, ["non-finite weights", "transformer.ln_f.weight", "best.pt"]),
     ("export-nan-weights", "tools.export", ["--hf_dir={case}/hf"], _nan_weight,
      ["non-finite weights", "transformer.ln_f.weight"]),
+    ("export-hf_dir-empty", "tools.export", ["--hf_dir="], None, ["hf_dir is empty"]),
+    ("export-hf_dir-is-a-file", "tools.export", ["--hf_dir={case}/afile"], _write("afile", "x"), ["afile", "is a file"]),
+    ("export-hf_dir-under-a-file", "tools.export", ["--hf_dir={case}/afile/hf"], _write("afile", "x"),
+     ["cannot create hf_dir", "afile"]),
+    ("export-hf_dir-under-proc", "tools.export", ["--hf_dir=/proc/nanomoe-hf"], None, ["hf_dir", "not writable"]),
+    ("export-hf_dir-not-empty", "tools.export", ["--hf_dir={case}/out"], None, ["is not empty", "--force=True"]),
     ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["lacks tokenizer", "train it again"]),
     ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature=0.0", "must be > 0"]),
     # MLA and F-gram settings (the tiny model: n_embd=32, 2 heads of 16)
