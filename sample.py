@@ -17,11 +17,12 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly 
 
 import torch
 
-from nanomoe.checkpoint import check_finite_weights, model_from_checkpoint, read_checkpoint
+from nanomoe.checkpoint import check_finite_weights, model_from_checkpoint
 from nanomoe.cli import Progress, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype, synchronize
 from nanomoe.errors import UserError
+from nanomoe.runs import read_checkpoint
 from nanomoe.settings import MAX_SEED, Valid, script_keys
 from nanomoe.tokenizer import Tokenizer
 

@@ -16,8 +16,8 @@ newest keep_checkpoints of them (kept_checkpoints, prune_kept; tools.experts rea
 
 A sharded run (train.py --fsdp=True or --ep_size > 1 under torchrun) saves with torch.distributed.checkpoint
 instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one
-(nanomoe/distributed/checkpoint.py). `python -m tools.consolidate OUT_DIR` turns it into an ordinary single
-file for sample.py, tools.export and everything else.
+(nanomoe/distributed/checkpoint.py, each file's SHA-256 in its manifest). sample.py and the tools read either
+kind through nanomoe/runs.read_checkpoint; `python -m tools.consolidate OUT_DIR` makes an ordinary file of one.
 """
 import json
 import os
@@ -120,16 +120,6 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
         raise UserError(f"{path} is not a nanoMoE checkpoint (no 'model'/'model_args' entries)")
     check_entries(ckpt, path, needs)
     return ckpt
-
-
-def read_checkpoint(out_dir, name="ckpt.pt", needs=()):
-    """A run's checkpoint as one dict with its weights, whatever its format, in this process: out_dir/name, or
-    the sharded ckpt.dcp (name ckpt.dcp, or the default ckpt.pt when a sharded run saved last) read from its
-    shards without a consolidation step. What sample.py, tools.export and tools.experts load."""
-    if name == SHARDED or name == "ckpt.pt" and latest_checkpoint(out_dir).endswith(SHARDED):
-        from nanomoe.distributed.checkpoint import read_sharded  # torch's DCP: imported only when needed
-        return read_sharded(os.path.join(out_dir, SHARDED), needs)
-    return load_checkpoint(os.path.join(out_dir, name), needs)
 
 
 def check_finite_weights(ckpt, path):

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_model import load_stats
-from nanomoe.checkpoint import kept_checkpoints, latest_checkpoint, load_checkpoint, model_from_checkpoint, read_checkpoint
+from nanomoe.checkpoint import kept_checkpoints, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanomoe.cli import ArgumentParser, Progress, duration, pyplot, run_cli
 from nanomoe.data import TokenData, describe_tokenizer
 from nanomoe.device import autocast_context, pick_device, pick_dtype
 from nanomoe.errors import UserError
 from nanomoe.files import temp_path
+from nanomoe.runs import read_checkpoint
 from nanomoe.tokenizer import Tokenizer
 
 CLASSES = ("newline", "indentation", "space", "lowercase", "uppercase", "digit", "punctuation")

@@ -22,10 +22,11 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from nanomoe.checkpoint import check_finite_weights, read_checkpoint
+from nanomoe.checkpoint import check_finite_weights
 from nanomoe.cli import run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.hf.formats import ARCHITECTURES, FORMATS, export_checkpoint
+from nanomoe.runs import read_checkpoint
 from nanomoe.settings import Valid, script_keys
 
 # -----------------------------------------------------------------------------
