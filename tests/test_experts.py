@@ -206,7 +206,7 @@ def test_a_sharded_checkpoint_gives_the_same_report(runs, tmp_path):
     for shard in (out / SHARDED).glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     r = report(out, "--force")
-    assert_user_error(r, "cannot read sharded checkpoint", "incomplete or damaged")
+    assert_user_error(r, "sharded checkpoint", ".distcp has 100 bytes", "truncated or damaged")
 
 
 # ----------------------------------------------------------------------------- train.py --save_every

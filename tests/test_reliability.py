@@ -858,3 +858,55 @@ def test_non_finite_float_settings_are_refused_before_anything_runs(shakespeare_
     r = run_script(args, cwd=tmp_path)
     assert_user_error(r, f"{key}=", "is not a finite number", f"--{key}")
     assert snapshot(tmp_path, trained) == before
+
+
+# ----------------------------------------------------------------------------- a sharded checkpoint, in one process
+
+@pytest.fixture(scope="module")
+def sharded(trained, tmp_path_factory):
+    """The trained run's final state saved as a sharded ckpt.dcp by train.py's save_sharded (a one-process
+    gloo group): the quick tier's stand-in for a torchrun run's (tests/test_distributed.py has those)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from nanomoe.distributed.checkpoint import save_sharded
+    from nanomoe.optim import configure_optimizers
+    out = tmp_path_factory.mktemp("sharded") / "out"
+    out.mkdir()
+    ckpt = checkpoint.load_checkpoint(trained / "ckpt.pt")
+    model = checkpoint.model_from_checkpoint(ckpt)
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    dist.init_process_group("gloo", init_method=f"file://{out.parent / 'init'}", rank=0, world_size=1)
+    try:
+        save_sharded(model, optimizer, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, out,
+                     SimpleNamespace(master=True))
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_sample_reads_a_sharded_checkpoint_as_the_file_it_was_saved_from(trained, sharded, tmp_path):
+    args = ["--device=cpu", "--num_samples=2", "--max_new_tokens=16", "--seed=5"]
+    from_file = run_script(["sample.py", f"--out_dir={trained}", *args], cwd=tmp_path)
+    from_shards = run_script(["sample.py", f"--out_dir={sharded}", *args], cwd=tmp_path)
+    assert_ok(from_shards)
+    assert from_shards.stdout == from_file.stdout
+
+
+def test_two_flipped_bytes_in_a_shard_are_one_line_naming_it(sharded, shakespeare_data, tmp_path):
+    """The audit's case: two bytes changed inside a ckpt.dcp shard used to resume silently (an Adam state went
+    from 2.8e-09 to 9.5e+29). Now every reader refuses it, naming the shard, and nothing is written."""
+    out = tmp_path / "out"
+    shutil.copytree(sharded, out, symlinks=True)
+    folder = out / os.readlink(out / checkpoint.SHARDED)
+    shard = sorted(folder.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    data[len(data) // 2 + 7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = snapshot(out)
+    for args in (["sample.py", f"--out_dir={out}", "--device=cpu"], ["tools.export", f"--out_dir={out}"],
+                 ["tools.consolidate", out],
+                 train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=6")):
+        assert_user_error(run_script(args, cwd=tmp_path), shard.name, "fails its SHA-256 check")
+    assert snapshot(out) == before

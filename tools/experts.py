@@ -39,7 +39,7 @@ from nanomoe.cli import ArgumentParser, Progress, duration, pyplot, run_cli
 from nanomoe.data import TokenData, describe_tokenizer
 from nanomoe.device import autocast_context, pick_device, pick_dtype
 from nanomoe.errors import UserError
-from nanomoe.files import temp_path
+from nanomoe.files import disk_full_message, is_disk_full, temp_path
 from nanomoe.runs import read_checkpoint
 from nanomoe.tokenizer import Tokenizer
 
@@ -350,8 +350,10 @@ def write_report(r, plt, target):
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise UserError(disk_full_message(target)) from None
         raise
 
 
