@@ -910,3 +910,9 @@ def test_two_flipped_bytes_in_a_shard_are_one_line_naming_it(sharded, shakespear
                  train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=6")):
         assert_user_error(run_script(args, cwd=tmp_path), shard.name, "fails its SHA-256 check")
     assert snapshot(out) == before
+
+
+def test_a_sharded_run_has_no_best_pt_and_the_line_names_what_to_read(sharded, tmp_path):
+    base = ["sample.py", f"--out_dir={sharded}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"]
+    assert_user_error(run_script([*base, "--ckpt=best.pt"], cwd=tmp_path), "keeps no best.pt", "--ckpt=ckpt.dcp")
+    assert_ok(run_script([*base, "--ckpt=ckpt.dcp"], cwd=tmp_path))
