@@ -891,6 +891,7 @@ def test_sample_reads_a_sharded_checkpoint_as_the_file_it_was_saved_from(trained
     from_shards = run_script(["sample.py", f"--out_dir={sharded}", *args], cwd=tmp_path)
     assert_ok(from_shards)
     assert from_shards.stdout == from_file.stdout
+    assert from_shards.stderr == ""  # no warning of DCP's about reading without a process group
 
 
 def test_two_flipped_bytes_in_a_shard_are_one_line_naming_it(sharded, shakespeare_data, tmp_path):
