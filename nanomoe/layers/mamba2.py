@@ -107,10 +107,14 @@ class Mamba2(nn.Module):
             y_BTHP = y_BTHP + self.D.to(ssm)[:, None] * x_BTHP
             # gated RMSNorm: the gate SiLU(z) before the norm, and each group of heads (the n_groups that share
             # a B and C) normalised on its own, as Mamba2 does (its RMSNormGated with group_size = d_inner / G).
-            # The weight in the scan's dtype too: FSDP's bf16 MixedPrecisionPolicy hands it over in bf16
-            gated_BTGD = (y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm))).view(Bsz, T, G, -1)
-            y = F.rms_norm(gated_BTGD, (self.d_inner // G,), eps=self.norm.eps).view(Bsz, T, self.d_inner) \
-                * self.norm.weight.to(ssm)
+            # The weight in the scan's dtype too: FSDP's bf16 MixedPrecisionPolicy hands it over in bf16.
+            gated = y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm))
+            weight = self.norm.weight.to(ssm)
+            if G == 1:  # one group: rms_norm's fused weight (a weight of another dtype would leave that kernel)
+                y = F.rms_norm(gated, (self.d_inner,), weight, self.norm.eps)
+            else:
+                y = F.rms_norm(gated.view(Bsz, T, G, -1), (self.d_inner // G,), eps=self.norm.eps) \
+                    .view(Bsz, T, self.d_inner) * weight
         return self.dropout(self.c_proj(y.type_as(u)))
 
     def causal_conv(self, xBC, cache):
