@@ -34,7 +34,8 @@ import torch
 
 from nanomoe.errors import UserError
 from nanomoe.factory import build_model, model_keys
-from nanomoe.files import atomic_write, check_writable_folder, replace_durably, temp_path
+from nanomoe.files import (atomic_write, check_writable_folder, disk_full_message, is_disk_full, replace_durably,
+                           temp_path)
 
 
 def clean_state_dict(state_dict):
@@ -73,10 +74,17 @@ def link_checkpoint(src, dst):
     src is later replaced by rename, which leaves dst's data in place."""
     tmp = temp_path(dst)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    replace_durably(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        replace_durably(tmp, dst)
+    except BaseException as e:  # a full disk while copying: no half copy stays, dst is as it was
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if is_disk_full(e):
+            raise UserError(disk_full_message(dst)) from None
+        raise
 
 
 # what each entry of a checkpoint is; every loader needs model + model_args, and names what else it needs

@@ -917,3 +917,26 @@ def test_a_sharded_run_has_no_best_pt_and_the_line_names_what_to_read(sharded, t
     base = ["sample.py", f"--out_dir={sharded}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"]
     assert_user_error(run_script([*base, "--ckpt=best.pt"], cwd=tmp_path), "keeps no best.pt", "--ckpt=ckpt.dcp")
     assert_ok(run_script([*base, "--ckpt=ckpt.dcp"], cwd=tmp_path))
+
+
+def test_best_pt_copied_on_a_full_disk_is_one_line_and_leaves_no_half_copy(trained, tmp_path, monkeypatch):
+    """Where hard links fail (another filesystem's rules), best.pt is a copy; a full disk during it leaves the
+    old best.pt and no temporary file."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    old_best = (out / "best.pt").read_bytes()
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def copy_until_full(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)
+    with pytest.raises(UserError, match="the disk is full.*best.pt"):
+        checkpoint.link_checkpoint(str(out / "ckpt.pt"), str(out / "best.pt"))
+    assert (out / "best.pt").read_bytes() == old_best
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
