@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -139,6 +140,7 @@ class MoE(nn.Module):
         self.global_load = None  # balance_scope='global': f of the whole step (E,), for the balance loss
         self.expert_parallel = None  # experts split over processes: what sends tokens to them and back
         self.stats = {}  # after each forward: this layer's balance, balance_loss, z, expert_load, dropped
+        self.step_counts = None  # aux_free: assignments per expert (E,) counted since the last optimizer step
 
     def forward(self, x):
         B, T, D = x.shape
@@ -166,7 +168,10 @@ class MoE(nn.Module):
         # stats. Balance loss: f from the (non-differentiable) choices, P from the score distribution (carries
         # the gradient). With balance_scope='global' the loss takes f of the whole step, the log this batch's
         E = self.config.n_experts
-        f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
+        counts_E = F.one_hot(expert_TK.flatten(), E).sum(0)  # static shape, unlike bincount
+        f_E = counts_E.float() / expert_TK.numel()
+        if self.training and self.expert_bias is not None:  # aux-free: the step's exact counts (MoEGPT.end_step)
+            self.step_counts = counts_E if self.step_counts is None else self.step_counts + counts_E
         P_E = probs_TE.mean(dim=0)
         balance = E * (f_E * P_E).sum()
         if self.training and self.global_load is not None:
@@ -322,16 +327,32 @@ class MoEGPT(GPT):
         """Called after the optimizer step with this process's expert load (L_moe, E) averaged over the step's
         micro-steps and `skipped` (a bool tensor: the update was skipped). balance_mode='aux_free': every layer's
         bias moves by bias_update_rate towards balance, sign(mean load - load), from the load of the whole step
-        over all processes (reduce_mean, so every process holds the same bias); a skipped step changes nothing."""
+        over all processes (step_loads: whole counts; reduce_mean, so every process holds the same bias); a
+        skipped step changes nothing."""
         for layer in self.moe_layers():
             layer.set_global_load(None)
         if self.config.balance_mode != "aux_free":
             return
-        load_LE = reduce_mean(expert_load.float())
         keep = (~skipped).float() if isinstance(skipped, torch.Tensor) else float(not skipped)
-        for layer, f_E in zip(self.moe_layers(), load_LE):
-            bias = layer.expert_bias
-            bias.add_(self.config.bias_update_rate * torch.sign(f_E.mean() - f_E).to(bias.device) * keep)
+        for layer, f_E in zip(self.moe_layers(), self.step_loads(expert_load, reduce_mean)):
+            # the sign of (mean - load) on exact integers: an expert at exactly the mean load stays where it is
+            # (the sign of float fractions, whose mean is rounded, moved it either way)
+            direction = torch.sign(f_E.sum() - self.config.n_experts * f_E)
+            layer.expert_bias.add_(self.config.bias_update_rate * direction.to(layer.expert_bias) * keep)
+
+    def step_loads(self, expert_load, reduce_mean):
+        """The step's load per layer (L_moe, E) over all processes, as whole assignment counts: each layer's
+        counts since the last step, summed over the processes (their mean times the world size, rounded: exact
+        below 2**24 assignments per expert and step). A caller that moved no layer in training mode gets its
+        expert_load fractions instead."""
+        layers = self.moe_layers()
+        if any(layer.step_counts is None for layer in layers):
+            return reduce_mean(expert_load.float())
+        counts_LE = torch.stack([layer.step_counts for layer in layers])
+        for layer in layers:
+            layer.step_counts = None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return torch.round(reduce_mean(counts_LE.float()).double() * world)
 
     def num_active_params(self):
         """A token goes through k of the E experts of each MoE layer: the other E - k do no work for it."""

@@ -13,6 +13,7 @@ for a char tokenizer that is the same cut as splitting the text on characters, l
 Every output is written with nanomoe.files.atomic_write (a temp name, then a rename at the end), so a failed run
 leaves the previous good files as they were and no temp files behind.
 """
+import codecs
 import fnmatch
 import json
 import os
@@ -54,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--url", default=SHAKESPEARE_URL, help="shakespeare*: where to download input.txt from")
     p.add_argument("--retries", type=int, default=3, help="download retries after the first try (default 3)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a download may stall (default 30)")
+    p.add_argument("--encoding", default="utf-8",
+                   help="how the input text is encoded (default utf-8; e.g. latin-1, utf-16, cp1252)")
     p.add_argument("--force", action="store_true", help="replace a different dataset already in the output folder")
     p.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     args = p.parse_args(argv)
@@ -63,6 +66,11 @@ def parse_args(argv):
         raise UserError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     if args.retries < 0:
         raise UserError(f"--retries must be 0 or more, got {args.retries}")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise UserError(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, "
+                        f"utf-16, cp1252)") from None
     if args.max_chars is not None and args.max_chars < 1:
         raise UserError(f"--max_chars must be at least 1, got {args.max_chars}")
     if args.dataset == "text":
@@ -126,6 +134,7 @@ def describe(e):
 def download(url, dest, retries, timeout, dataset):
     """Fetch url into dest, retrying network trouble; an interrupted download never looks finished."""
     print(f"downloading {url}")
+    created = missing_folder(os.path.dirname(dest))
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         for attempt in range(retries + 1):
@@ -143,9 +152,47 @@ def download(url, dest, retries, timeout, dataset):
                 print(f"download failed ({describe(e)}); retrying in {wait}s", file=sys.stderr)
                 time.sleep(wait)
     except OSError as e:  # after RequestException, which is an OSError too: this one is our own disk
-        raise UserError(f"could not write {dest} ({e})")
+        remove_if_empty(created)
+        raise UserError(f"could not write {dest} ({e.strerror or e})") from None
+    except BaseException:
+        remove_if_empty(created)
+        raise
+    remove_if_empty(created)  # a failed download leaves no empty dataset folder
     raise UserError(f"could not download tiny-shakespeare from {url} ({describe(error)}); download it by hand "
                     f"and run: python prepare.py {dataset} --input path/to/input.txt")
+
+
+def missing_folder(folder):
+    """The outermost folder of `folder`'s path that does not exist yet (None if folder exists): what a failure
+    must remove again."""
+    folder, missing = os.path.abspath(folder), None
+    while not os.path.exists(folder):
+        folder, missing = os.path.dirname(folder), folder
+    return missing
+
+
+def remove_if_empty(created):
+    """Remove the folders we created (created = the outermost of them) if nothing was left in them."""
+    if created is None:
+        return
+    for root, dirs, files in os.walk(created, topdown=False):
+        if files:
+            return
+        os.rmdir(root)
+
+
+def already_prepared(out_dir, kind):
+    """Whether out_dir holds a complete dataset of this tokenizer (meta.json, and .bin files of the sizes it
+    records): then `prepare.py shakespeare_char` again has nothing to do, and does not go to the network."""
+    try:
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return meta["tokenizer"] == kind and all(
+            os.path.getsize(os.path.join(out_dir, f"{split}.bin")) == meta[f"{split}_tokens"] * itemsize
+            for split in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def shakespeare_input(args, out_dir):
@@ -169,15 +216,17 @@ def shakespeare_input(args, out_dir):
 # -----------------------------------------------------------------------------
 # reading text
 
-def read_text(path):
-    """File contents as str, or None for a binary / non-UTF-8 file. Bytes are decoded as-is (no newline
-    translation), so the prepared tokens decode back to exactly the file's text."""
+def read_text(path, encoding="utf-8"):
+    """File contents as str, or None for a binary file or one not in `encoding`. Bytes are decoded as-is (no
+    newline translation), so the prepared tokens decode back to exactly the file's text."""
     with open(path, "rb") as f:
         data = f.read()
-    if b"\0" in data:  # NUL bytes: an image, a .pyc, a zip... not text even if it happens to decode
-        return None
+    if b"\0" in data and not encoding.lower().replace("-", "").startswith(("utf16", "utf32")):
+        return None  # NUL bytes: an image, a .pyc, a zip... not text even if it happens to decode
+    if codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-8-sig"  # drops a leading byte-order mark, which is not part of the text
     try:
-        return data.decode("utf-8-sig")  # -sig drops a leading byte-order mark, which is not part of the text
+        return data.decode(encoding)
     except UnicodeDecodeError:
         return None
 
@@ -219,15 +268,16 @@ def cap_chars(docs, max_chars):
     return out
 
 
-def read_documents(path, out_dir, globs=None, exclude=()):
+def read_documents(path, out_dir, globs=None, exclude=(), encoding="utf-8"):
     """The input as a list of texts: one for a file, one per readable text file for a folder."""
     if os.path.isfile(path):
         try:
-            text = read_text(path)
+            text = read_text(path, encoding)
         except OSError as e:
             raise UserError(f"could not read {path} ({e.strerror})")
         if text is None:
-            raise UserError(f"{path} is not a UTF-8 text file (it is binary or in another encoding)")
+            raise UserError(f"{path} is not {encoding} text (it is binary or in another encoding); give its "
+                            f"encoding with --encoding (e.g. --encoding latin-1 or --encoding utf-16)")
         return [text]
     if not os.path.isdir(path):
         raise UserError(f"input not found: {path} (give a text file or a folder of text files)")
@@ -235,7 +285,7 @@ def read_documents(path, out_dir, globs=None, exclude=()):
     docs, skipped, progress = [], 0, Progress()
     for i, p in enumerate(paths):
         try:
-            text = read_text(p)
+            text = read_text(p, encoding)
         except OSError:  # unreadable (permissions, a dangling link): skip it like a binary file
             text = None
         if text is None:
@@ -244,7 +294,7 @@ def read_documents(path, out_dir, globs=None, exclude=()):
             docs.append(text)
         progress.update(f"reading files: {i + 1}/{len(paths)}", force=i + 1 == len(paths))
     progress.done()
-    skip_note = f", skipped {skipped} binary, non-UTF-8 or unreadable" if skipped else ""
+    skip_note = f", skipped {skipped} binary, not {encoding} or unreadable" if skipped else ""
     print(f"read {len(docs)} text files from {path}{skip_note}")
     return docs
 
@@ -293,7 +343,9 @@ def pieces(text):
 
 def write_outputs(out_dir, train_ids, val_ids, meta):
     """train.bin and val.bin written in full, then renamed into place together, then meta.json last: a
-    meta.json always sits beside complete .bin files, and a failure before the renames changes nothing."""
+    meta.json always sits beside complete .bin files, and a failure before the renames (a full disk) changes
+    nothing and leaves no folder of ours behind."""
+    created = missing_folder(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with atomic_write(os.path.join(out_dir, "train.bin")) as train_f, \
@@ -302,7 +354,11 @@ def write_outputs(out_dir, train_ids, val_ids, meta):
             val_ids.tofile(val_f)
         write_meta(out_dir, meta)
     except OSError as e:
-        raise UserError(f"could not write to {out_dir} ({e})")
+        remove_if_empty(created)
+        raise UserError(f"could not write to {out_dir} ({e.strerror or e})") from None
+    except BaseException:
+        remove_if_empty(created)
+        raise
 
 
 def is_different_dataset(out_dir, train_ids, val_ids, meta):
@@ -343,9 +399,12 @@ def main(argv=None):
     if args.dataset == "text":
         path, source = args.input, args.input
     else:
+        if args.input is None and not args.force and already_prepared(out_dir, kind):
+            print(f"{name} is already prepared in {out_dir}; nothing to do (--force prepares it again)")
+            return
         path, source = shakespeare_input(args, out_dir)
-    docs = read_documents(path, out_dir, args.glob, args.exclude) if args.dataset == "text" \
-        else read_documents(path, out_dir)
+    docs = read_documents(path, out_dir, args.glob, args.exclude, args.encoding) if args.dataset == "text" \
+        else read_documents(path, out_dir, encoding=args.encoding)
     docs = cap_chars(docs, args.max_chars)
     if not any(docs):
         raise UserError(f"no text found in {path} (it has no non-empty UTF-8 text files)")

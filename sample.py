@@ -17,17 +17,18 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly 
 
 import torch
 
-from nanomoe.checkpoint import load_checkpoint, model_from_checkpoint
+from nanomoe.checkpoint import check_finite_weights, model_from_checkpoint
 from nanomoe.cli import Progress, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype, synchronize
 from nanomoe.errors import UserError
+from nanomoe.runs import read_checkpoint
 from nanomoe.settings import MAX_SEED, Valid, script_keys
 from nanomoe.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
-ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
+ckpt = "ckpt.pt"  # in out_dir: ckpt.pt (latest; a sharded run's ckpt.dcp if it saved last), best.pt, ckpt.dcp
 start = "\n"  # prompt, or FILE:path to read it from a file
 num_samples: Valid(min=1) = 3
 max_new_tokens: Valid(min=1) = 500
@@ -48,7 +49,8 @@ def main():
     dev = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, dev)
 
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt), needs=("tokenizer",))
+    ckpt = read_checkpoint(cfg.out_dir, cfg.ckpt, needs=("tokenizer",))  # a file, or a sharded run's ckpt.dcp
+    check_finite_weights(ckpt, os.path.join(cfg.out_dir, cfg.ckpt))
     model = model_from_checkpoint(ckpt)
     tok = Tokenizer.from_meta(ckpt["tokenizer"])  # the tokenizer the run was trained with, kept in the checkpoint
     del ckpt
@@ -58,8 +60,12 @@ def main():
         path = start[5:]
         if not os.path.isfile(path):
             raise UserError(f"prompt file '{path}' not found (--start=FILE:path reads the prompt from a file)")
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                            f"save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     ids = tok.encode(start)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give a non-empty --start")

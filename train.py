@@ -15,6 +15,7 @@ optimised is cross-entropy + aux_loss, where aux_loss = balance_loss_weight * ba
 (the balance term with balance_mode='aux' only); the log shows each part (`loss` is always the cross-entropy).
 One optimizer step is written once, in train_step below; tools/bench.py and tools/bench_sharding.py call it too.
 """
+import contextlib
 import math
 import os
 import signal
@@ -31,9 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_model import load_stats
-from nanomoe.checkpoint import (SHARDED, TO_RESUME, check_out_dir, kept_path, latest_checkpoint, link_checkpoint,
-                                load_checkpoint, model_from_checkpoint, model_state, open_out_dir, prune_kept,
-                                remove_sharded, restore_training_state, rng_state, save_checkpoint)
+from nanomoe.checkpoint import (SHARDED, TO_RESUME, OutDirLock, kept_path, latest_checkpoint, link_checkpoint,
+                                load_checkpoint, model_from_checkpoint, model_state, prune_kept, remove_sharded,
+                                restore_training_state, rng_state, save_checkpoint)
 from nanomoe.cli import duration, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.data import TokenData
@@ -102,58 +103,56 @@ KEYS = {**RUN_KEYS, **model_keys(skip=("vocab_size",))}  # the dataset decides v
 
 
 def main():
-    cfg, explicit, ckpt = load_config(sys.argv[1:])
-    proc = setup_processes(cfg)
-    check_run(cfg, proc)
-    join(proc, cfg.backend)
-    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
-    if ckpt and data.check_same_data(ckpt["tokenizer"], ckpt.get("data")) and proc.master:
-        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
-              f"training goes on with the new ones")
-    raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
-    ctx = autocast_context(proc.device, proc.dtype)
-    preflight(raw_model, data, cfg, proc, ctx)
-    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    t_start = time.time()
+    cfg, explicit = parse_config(sys.argv[1:])
+    # the lock first (rank 0): whether a checkpoint exists, the one to resume and the metrics log are all read
+    # under it, so a second run started a moment after this one cannot decide on what it saw before our save
+    lock = OutDirLock(cfg.out_dir) if os.environ.get("RANK", "0") == "0" else None
+    with lock if lock is not None else contextlib.nullcontext():  # a refused run leaves out_dir as it was
+        cfg, ckpt, proc, data, raw_model = start_run(cfg, explicit)
+        ctx = autocast_context(proc.device, proc.dtype)
+        iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
 
-    torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
-    batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    if proc.sharding:
+        torch.manual_seed(cfg.seed + proc.rank)  # dropout differs per rank
+        batch_gen = torch.Generator().manual_seed(cfg.seed + proc.rank)  # each rank draws its own batches
+        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        if proc.sharding:
+            if proc.master:
+                describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
+            model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
+        optimizer = build_optimizer(raw_model, vars(cfg), proc.device_type)
+        if proc.master and describe(optimizer):  # Muon: which parameters it takes, which stay on AdamW
+            print(describe(optimizer))
+        scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
+        if ckpt:
+            if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
+                from nanomoe.distributed.checkpoint import load_sharded
+                load_sharded(ckpt["sharded"], raw_model, optimizer)
+            restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
+            ckpt = None  # free the memory
+        if not proc.sharding:
+            model = torch.compile(raw_model) if proc.compile else raw_model
+            if proc.ddp:
+                model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+            if proc.master:
+                describe_run(raw_model, cfg, proc, tokens_per_iter)
+        metrics = None
         if proc.master:
-            describe_run(raw_model, cfg, proc, tokens_per_iter)  # while every rank holds the whole model
-        model = shard(raw_model, cfg, proc)  # before the optimizer sees the parameters
-    optimizer = build_optimizer(raw_model, vars(cfg), proc.device_type)
-    if proc.master and describe(optimizer):  # Muon: which parameters it takes, which stay on AdamW
-        print(describe(optimizer))
-    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == "float16"))
-    if ckpt:
-        if "sharded" in ckpt:  # the weights and the optimizer are read into the sharded model
-            from nanomoe.distributed.checkpoint import load_sharded
-            load_sharded(ckpt["sharded"], raw_model, optimizer)
-        restore_training_state(ckpt, optimizer, scaler, batch_gen, proc)
-        ckpt = None  # free the memory
-    if not proc.sharding:
-        model = torch.compile(raw_model) if proc.compile else raw_model
-        if proc.ddp:
-            model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
-        if proc.master:
-            describe_run(raw_model, cfg, proc, tokens_per_iter)
-    metrics, lock = None, None
-    if proc.master:
-        lock = open_out_dir(cfg.out_dir)  # creates it, takes its lock (a second run on it stops here)
-        mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
-        metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
+            mode = "append" if cfg.eval_only else "resume" if cfg.init_from == "resume" else "new"
+            metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), mode, iter_num)
+            lock.start()  # the run writes from here on; removes what saves a kill cut short left
     wandb = start_wandb(cfg) if cfg.wandb_log and proc.master else None
     run = SimpleNamespace(cfg=cfg, proc=proc, model=model, raw_model=raw_model, data=data, ctx=ctx,
                           metrics=metrics, wandb=wandb, optimizer=optimizer, scaler=scaler, batch_gen=batch_gen,
                           ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), tokenizer=data.tokenizer_meta(),
-                          data_fingerprint=data.fingerprint())
+                          data_fingerprint=data.fingerprint(), stop_requested=None)
 
     if cfg.eval_only:
         evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
         finish(proc, lock)
         return
-    stop_requested = install_stop_handlers(proc.master)
+    # a signal stops the run after the step it arrives in, or at once during an evaluation (which can be long)
+    stop_requested = run.stop_requested = install_stop_handlers(proc.master)
     # MFU counts the model's parameters, of which an expert-parallel rank holds only its share: not shown there
     peak = gpu_peak_flops(proc.device, cfg.peak_flops) if "ep" not in proc.sharding else None
     accum_steps = cfg.gradient_accumulation_steps // proc.world_size  # micro-steps on this process
@@ -162,7 +161,11 @@ def main():
     t0, step_time, running_mfu, last_eval_iter = time.time(), None, -1.0, None
     while iter_num < cfg.max_iters:
         if iter_num % cfg.eval_interval == 0 and last_eval_iter != iter_num:
-            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            evaluated = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if evaluated is None:  # abandoned for a signal
+                stop(run, nonfinite, iter_num, best_val_loss)
+                break
+            improved, best_val_loss = evaluated
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
                 save(run, "eval", iter_num, best_val_loss, improved)
             last_eval_iter, t0 = iter_num, time.time()  # the eval's time is not the step's
@@ -197,18 +200,41 @@ def main():
         # a signal stops the run after this step; under DDP every rank must agree on which step, so the ranks
         # compare their flags (a collective) at log steps only
         if (not proc.ddp or iter_num % cfg.log_interval == 0) and any_rank(bool(stop_requested), proc):
-            check_nonfinite(nonfinite, run)
-            save(run, "stopped by signal", iter_num, best_val_loss)
-            if proc.master:
-                print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+            stop(run, nonfinite, iter_num, best_val_loss)
             break
     else:
         check_nonfinite(nonfinite, run)
+        evaluated = None
         if last_eval_iter != iter_num:  # the final model is always evaluated (and saved by the usual rule)
-            improved, best_val_loss = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                save(run, "eval", iter_num, best_val_loss, improved)
+            evaluated = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
+            if evaluated is None:
+                stop(run, nonfinite, iter_num, best_val_loss)
+            else:
+                improved, best_val_loss = evaluated
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                    save(run, "eval", iter_num, best_val_loss, improved)
+    if proc.master:
+        print(summary(run, best_val_loss, time.time() - t_start))
     finish(proc, lock)
+
+
+def stop(run, nonfinite, iter_num, best_val_loss):
+    """A signal asked the run to stop: save where it is (resumable), say how to continue."""
+    check_nonfinite(nonfinite, run)
+    save(run, "stopped by signal", iter_num, best_val_loss)
+    if run.proc.master:
+        print(f"stopped at iter {iter_num}; continue with --init_from=resume --out_dir={run.cfg.out_dir}")
+
+
+def summary(run, best_val_loss, seconds):
+    """The run's last line: what it reached, how long it took, where its checkpoint is and how to sample it."""
+    best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no val loss yet"
+    path = latest_checkpoint(run.cfg.out_dir)
+    if not os.path.lexists(path):
+        return f"done: {best}, {duration(seconds)}; no checkpoint saved (always_save_checkpoint=False and no eval " \
+               f"improved on the start)"
+    return f"done: {best}, {duration(seconds)}; checkpoint {path}; sample it: python sample.py " \
+           f"--out_dir={run.cfg.out_dir}"
 
 
 # -----------------------------------------------------------------------------
@@ -270,28 +296,48 @@ def step_unless(bad, optimizer, scaler):
 # -----------------------------------------------------------------------------
 # setup
 
-def load_config(argv):
-    """The run's settings, the keys its config files and flags set, and (init_from='resume') the checkpoint,
-    whose settings fill every key the command does not give: a resumed run is the saved run."""
+def parse_config(argv):
+    """The run's settings and the keys its config files and flags set."""
     explicit = set()
-    cfg = SimpleNamespace(**parse_args(KEYS, argv, explicit))
-    ckpt = None
-    if cfg.init_from == "resume":
-        path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
-        if path.endswith(SHARDED):
-            from nanomoe.distributed.checkpoint import load_sharded_meta  # torch's DCP: imported only when needed
-            ckpt = load_sharded_meta(path, TO_RESUME)
-        else:
-            ckpt = load_checkpoint(path, TO_RESUME)
-        saved = ckpt.get("config", {}).get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
-        if "optimizer" in explicit and cfg.optimizer != saved:
-            raise UserError(f"{path} was trained with optimizer='{saved}'; it cannot resume with "
-                            f"optimizer='{cfg.optimizer}' (its optimizer state is {saved}'s); resume with "
-                            f"--optimizer={saved}, or leave --optimizer out")
-        for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
-            if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
-                setattr(cfg, k, v)
-    return cfg, explicit, ckpt
+    return SimpleNamespace(**parse_args(KEYS, argv, explicit)), explicit
+
+
+def start_run(cfg, explicit):
+    """Everything before the first write, under out_dir's lock: the checkpoint to resume, the processes, the
+    checks, the data and the model with its preflight. -> (cfg, ckpt, proc, data, raw_model)"""
+    ckpt = read_resumed(cfg, explicit)
+    proc = setup_processes(cfg)
+    check_run(cfg, proc)
+    join(proc, cfg.backend)
+    data = TokenData(cfg.data_root, cfg.dataset, cfg.block_size)  # a missing dataset names its prepare command
+    if ckpt and data.check_same_data(ckpt["tokenizer"], ckpt.get("data")) and proc.master:
+        print(f"note: the files of {data.dir} changed since the checkpoint was saved (same tokenizer); "
+              f"training goes on with the new ones")
+    raw_model = make_model(cfg, explicit, ckpt, data).to(proc.device)
+    preflight(raw_model, data, cfg, proc, autocast_context(proc.device, proc.dtype))
+    return cfg, ckpt, proc, data, raw_model
+
+
+def read_resumed(cfg, explicit):
+    """(init_from='resume') the checkpoint, whose settings fill every key the command does not give: a resumed
+    run is the saved run. None otherwise."""
+    if cfg.init_from != "resume":
+        return None
+    path = latest_checkpoint(cfg.out_dir)  # ckpt.pt, or a sharded run's ckpt.dcp
+    if path.endswith(SHARDED):
+        from nanomoe.distributed.checkpoint import load_sharded_meta  # torch's DCP: imported only when needed
+        ckpt = load_sharded_meta(path, TO_RESUME)
+    else:
+        ckpt = load_checkpoint(path, TO_RESUME)
+    saved = ckpt.get("config", {}).get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+    if "optimizer" in explicit and cfg.optimizer != saved:
+        raise UserError(f"{path} was trained with optimizer='{saved}'; it cannot resume with "
+                        f"optimizer='{cfg.optimizer}' (its optimizer state is {saved}'s); resume with "
+                        f"--optimizer={saved}, or leave --optimizer out")
+    for k, v in {**ckpt.get("config", {}), **ckpt["model_args"]}.items():
+        if k in KEYS and k not in explicit and k not in ("init_from", "out_dir"):
+            setattr(cfg, k, v)
+    return ckpt
 
 
 def check_run(cfg, proc):
@@ -312,12 +358,17 @@ def check_run(cfg, proc):
     if cfg.optimizer == "muon" and cfg.muon_lr is not None and cfg.learning_rate == 0:
         raise UserError(f"muon_lr={cfg.muon_lr} follows the schedule as a fraction of learning_rate, which is 0; set "
                         f"--learning_rate above 0, or leave muon_lr unset (None: Muon takes learning_rate)")
-    check_out_dir(cfg.out_dir)
-    ckpt_path = latest_checkpoint(cfg.out_dir)
+    ckpt_path = latest_checkpoint(cfg.out_dir)  # read under out_dir's lock (main)
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
         # a new run would overwrite the old one's checkpoint: that is hours of someone's GPU time
         raise UserError(f"{ckpt_path} already exists; continue it with --init_from=resume, or choose another "
                         f"--out_dir (or delete the old run) to start a new one")
+    log = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if cfg.eval_only and cfg.init_from != "resume" and os.path.exists(log):
+        # its eval record would land in another run's log as if that run had made it
+        raise UserError(f"--eval_only=True with init_from={cfg.init_from!r} would add a new model's eval to "
+                        f"{log}, the log of another run; evaluate that run with --init_from=resume, or give "
+                        f"another --out_dir")
     if cfg.save_every and proc.sharding:
         raise UserError(f"save_every={cfg.save_every} keeps copies of ckpt.pt, but a --fsdp / --ep_size run saves a "
                         f"sharded ckpt.dcp and keeps no copies; use --save_interval instead, or train unsharded")
@@ -390,7 +441,7 @@ def describe_run(model, cfg, proc, tokens_per_iter):
         if seconds > 30 * 60:
             recipe = ("train_shakespeare_hybrid_cpu.py" if model.config.mamba_layers else
                       "train_shakespeare_moe_cpu.py" if hasattr(model, "moe_layers") else "train_shakespeare_char_cpu.py")
-            print(f"note: this config is sized for a GPU: on this CPU it would take about {seconds / 3600:.1f} hours "
+            print(f"note: this config is sized for a GPU: on this CPU it would take about {duration(seconds)} "
                   f"(estimated from its matmul speed). For a run of minutes try config/{recipe}")
 
 
@@ -457,7 +508,8 @@ def log_line(it, max_iters, stats, lr, dt, tokens_per_iter, running_mfu, eta):
 def evaluate(run):
     """Mean CE (and balance loss, expert load) per split. Each rank takes an equal share of eval_iters (at
     least one batch, so the mean of the ranks' means is the mean); its own generator keeps the training
-    batches independent of whether an eval happened. A long eval says so once it has timed a batch."""
+    batches independent of whether an eval happened. A long eval says so once it has timed a batch. A signal
+    (Ctrl-C) abandons it after the batch it arrives in: -> None."""
     cfg, proc = run.cfg, run.proc
     n = math.ceil(cfg.eval_iters / proc.world_size)
     out, t0 = {}, time.time()
@@ -472,6 +524,11 @@ def evaluate(run):
             for k, v in {"loss": loss, **extra}.items():
                 if k != "aux_loss":
                     sums[k] = sums.get(k, 0) + v.detach().float()
+            if run.stop_requested is not None and any_rank(bool(run.stop_requested), proc):
+                run.model.train()
+                if proc.master:
+                    print(f"evaluation abandoned after {i + 1} of {n} {split} batches", flush=True)
+                return None
             if split == "train" and i == 0 and proc.master:
                 estimate = (time.time() - t0) * 2 * n
                 if estimate > 5:
@@ -483,8 +540,11 @@ def evaluate(run):
 
 
 def evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter):
-    """Evaluate, print, record; -> (whether val loss improved, the new best val loss)."""
+    """Evaluate, print, record; -> (whether val loss improved, the new best val loss), or None when a signal
+    abandoned the evaluation (nothing recorded)."""
     ev = evaluate(run)
+    if ev is None:
+        return None
     if "val_expert_load" in ev:  # max/min load, load CV, dead experts (moe_model.load_stats)
         ev.update({f"val_{k}": v for k, v in load_stats(ev["val_expert_load"]).items()})
     val_loss = float(ev["val_loss"])

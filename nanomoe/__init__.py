@@ -6,6 +6,7 @@ as a script. By concept:
     factory.py                     build_model(model_args): an MoEGPT when n_experts > 0, else a GPT
     optim.py                       which parameter gets weight decay, and the optimizer
     checkpoint.py                  checkpoint files, the run's folder and its lock
+    runs.py                        a run's checkpoint for readers, whatever its format (file or sharded)
     data.py, tokenizer.py          token files and batches; the tokenizer and its meta.json
     metrics.py                     out_dir/metrics.jsonl
     errors.py, cli.py, files.py    the one-line error contract; atomic writes

@@ -16,9 +16,10 @@ newest keep_checkpoints of them (kept_checkpoints, prune_kept; tools.experts rea
 
 A sharded run (train.py --fsdp=True or --ep_size > 1 under torchrun) saves with torch.distributed.checkpoint
 instead, each rank writing its own shards: out_dir/ckpt.dcp links to the folder of the latest one
-(nanomoe/distributed/checkpoint.py). `python -m tools.consolidate OUT_DIR` turns it into an ordinary single
-file for sample.py, tools.export and everything else.
+(nanomoe/distributed/checkpoint.py, each file's SHA-256 in its manifest). sample.py and the tools read either
+kind through nanomoe/runs.read_checkpoint; `python -m tools.consolidate OUT_DIR` makes an ordinary file of one.
 """
+import json
 import os
 import pickle
 import random
@@ -33,7 +34,8 @@ import torch
 
 from nanomoe.errors import UserError
 from nanomoe.factory import build_model, model_keys
-from nanomoe.files import atomic_write, check_writable_folder, replace_durably, temp_path
+from nanomoe.files import (atomic_write, check_writable_folder, disk_full_message, is_disk_full, replace_durably,
+                           temp_path)
 
 
 def clean_state_dict(state_dict):
@@ -72,10 +74,17 @@ def link_checkpoint(src, dst):
     src is later replaced by rename, which leaves dst's data in place."""
     tmp = temp_path(dst)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    replace_durably(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        replace_durably(tmp, dst)
+    except BaseException as e:  # a full disk while copying: no half copy stays, dst is as it was
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if is_disk_full(e):
+            raise UserError(disk_full_message(dst)) from None
+        raise
 
 
 # what each entry of a checkpoint is; every loader needs model + model_args, and names what else it needs
@@ -91,8 +100,8 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
     if not os.path.isfile(path):
         folder = os.path.dirname(path) or "."
         if os.path.exists(os.path.join(folder, SHARDED)):
-            raise UserError(f"no checkpoint at {path}, but {folder} holds a sharded one ({SHARDED}); make a single "
-                            f"file of it with: python -m tools.consolidate {folder} (then --ckpt={CONSOLIDATED})")
+            raise UserError(f"no checkpoint at {path}, but {folder} holds a sharded one ({SHARDED}, a sharded run "
+                            f"keeps no best.pt): read that one with --ckpt={SHARDED}")
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir / --init_from)")
     # torch.save writes a zip whose entries carry CRC32s that torch.load never checks: test them here (about
     # as fast as reading the file) so bytes damaged on disk or in a copy are refused instead of loaded as weights
@@ -119,6 +128,16 @@ def load_checkpoint(path, needs=(), map_location="cpu"):
         raise UserError(f"{path} is not a nanoMoE checkpoint (no 'model'/'model_args' entries)")
     check_entries(ckpt, path, needs)
     return ckpt
+
+
+def check_finite_weights(ckpt, path):
+    """A checkpoint whose weights hold NaN or Inf (a run that diverged, a damaged copy) cannot sample or export
+    anything meaningful: one line naming the tensors."""
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the "
+                        f"run diverged before it was saved, or the file is damaged; use best.pt or an earlier "
+                        f"checkpoint of the run")
 
 
 def check_entries(ckpt, path, needs):
@@ -189,49 +208,139 @@ def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
 
 
 # -----------------------------------------------------------------------------
-# the run's folder (out_dir): checked before anything is written, locked while a run uses it
+# the run's folder (out_dir): locked first, before anything that depends on what it holds is decided
 
 def check_out_dir(out_dir):
     """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
     check_writable_folder(out_dir, "out_dir")
 
 
+class OutDirLock:
+    """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
+    The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind.
+
+    train.py takes it before it reads anything in out_dir (the checkpoint to resume, whether one exists, the
+    metrics log): a second run started a moment later stops here, instead of deciding on what it saw before
+    the first run saved. A run refused after the lock (bad input) abandons it: the folder and the .lock file
+    are as they were (a folder it created is removed again). start() is the point of no return."""
+
+    def __init__(self, out_dir):
+        check_out_dir(out_dir)
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, ".lock")
+        self.created = []  # folders this lock created, outermost first (removed again if the run never starts)
+        missing = os.path.abspath(out_dir)
+        while not os.path.exists(missing):
+            self.created.insert(0, missing)
+            missing = os.path.dirname(missing)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:  # a special filesystem (/proc, /sys) or a read-only one that os.access misjudged
+            self.abandon()
+            raise UserError(f"cannot create out_dir '{out_dir}': {e.strerror or e} (choose another --out_dir)") \
+                from None
+        if os.path.isdir(self.path) or os.path.islink(self.path) and not os.path.exists(self.path):
+            self.abandon()
+            raise UserError(f"{self.path} is {'a folder' if os.path.isdir(self.path) else 'a broken link'}, not "
+                            f"the lock file train.py keeps there; remove it (no run is using it then), or choose "
+                            f"another --out_dir")
+        self.previous = open(self.path, "rb").read() if os.path.isfile(self.path) else None
+        self.file = None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs there are not guarded
+            return
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            self.abandon()
+            raise UserError(f"cannot write {self.path}: {e.strerror or e} (choose another --out_dir)") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise UserError(f"out_dir '{out_dir}' is in use by another train.py ({holder}); wait for it to end, "
+                            f"or choose another --out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def abandon(self):
+        """The run stopped before it started: put the .lock file back as it was, remove the folders we made."""
+        if getattr(self, "file", None) is not None:
+            if self.previous is None:
+                os.remove(self.path)
+            else:
+                with open(self.path, "wb") as f:
+                    f.write(self.previous)
+            self.file.close()  # releases the lock
+            self.file = None
+        for folder in reversed(self.created):
+            try:
+                os.rmdir(folder)  # only while empty: nothing of anybody's goes
+            except OSError:
+                break
+
+    def start(self):
+        """The run starts writing: remove what saves a kill cut short left (remove_leftovers)."""
+        self.started = True
+        remove_leftovers(self.out_dir)
+
+    def __enter__(self):  # `with lock:` the run's setup; an error in it abandons the lock
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not getattr(self, "started", False):
+            self.abandon()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def open_out_dir(out_dir):
-    """Create out_dir, take its lock, remove the temporary files of saves a kill cut short. -> the lock: the
-    open .lock file, to be closed when the run is over."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = lock_out_dir(out_dir)
-    current = os.readlink(os.path.join(out_dir, SHARDED)) if os.path.islink(os.path.join(out_dir, SHARDED)) else None
-    for name in os.listdir(out_dir):
-        path = os.path.join(out_dir, name)
-        if name.startswith(".tmp-") and (os.path.islink(path) or not os.path.isdir(path)):
-            os.remove(path)  # a file, or the new link of a sharded save
-        elif name.startswith(".tmp-") or (name.startswith("ckpt-") and name.endswith(".dcp") and name != current):
-            shutil.rmtree(path)  # a sharded save a kill cut short, before or after its rename
+    """Create out_dir, take its lock and clear the leftovers of killed saves: -> the lock (close() it)."""
+    lock = OutDirLock(out_dir)
+    lock.start()
     return lock
 
 
-def lock_out_dir(out_dir):
-    """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
-    The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind."""
+TEMP_FILE = re.compile(r"\.tmp-.+")  # files_.temp_path's names, and the new link of a sharded save
+KEPT_SHARDED = re.compile(r"ckpt-\d+(-\d+)?\.dcp")  # save_sharded's folders (the link ckpt.dcp names one)
+SHARDED_TEMP = ".tmp-ckpt.dcp"  # the folder a sharded save writes before its rename
+
+
+def remove_leftovers(out_dir):
+    """Remove the temporary files of saves a kill cut short, and sharded-checkpoint folders the link does not
+    name (a save killed before or after its rename). A folder goes only when its manifest says our save made
+    it (made_by_sharded_save): a user's own `ckpt-5.dcp` or `.tmp-ckpt.dcp` stays."""
+    link = os.path.join(out_dir, SHARDED)
+    current = os.readlink(link) if os.path.islink(link) else None
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if (name == SHARDED_TEMP or KEPT_SHARDED.fullmatch(name) and name != current) \
+                    and made_by_sharded_save(path):
+                shutil.rmtree(path)
+        elif TEMP_FILE.fullmatch(name):
+            os.remove(path)  # a file, or the new link of a sharded save
+
+
+MANIFEST = "manifest.json"  # in each sharded checkpoint's folder: written by save_sharded, checked at load
+MANIFEST_FORMAT = "nanoMoE sharded checkpoint"
+
+
+def made_by_sharded_save(folder):
+    """Whether folder holds the manifest save_sharded writes first (incomplete) and last (with checksums)."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no flock; runs there are not guarded
-        return None
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"out_dir '{out_dir}' is in use by another train.py ({holder}); wait for it to end, or "
-                        f"choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f  # locked while it is open (and so at most until the process ends)
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            return json.load(f).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +354,7 @@ def latest_checkpoint(out_dir):
     """The checkpoint a resumed run continues: ckpt.pt or the sharded ckpt.dcp, whichever was saved last (each
     save removes the other, but a kill between the two leaves both)."""
     plain, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, SHARDED)
-    if not os.path.exists(sharded):
+    if not os.path.lexists(sharded):  # a link to a folder that has gone is still the latest (and says so)
         return plain
     if os.path.exists(plain) and os.path.getmtime(plain) > os.lstat(sharded).st_mtime:  # the link moves last
         return plain
@@ -253,12 +362,14 @@ def latest_checkpoint(out_dir):
 
 
 def remove_sharded(out_dir):
-    """Remove out_dir's sharded checkpoint (after an unsharded run saved a newer ckpt.pt there)."""
+    """Remove out_dir's sharded checkpoint (after an unsharded run saved a newer ckpt.pt there): the link, and
+    the folder it names when our save made it."""
     link = os.path.join(out_dir, SHARDED)
     if os.path.islink(link):
-        target = os.readlink(link)
+        target = os.path.join(out_dir, os.readlink(link))
         os.remove(link)
-        shutil.rmtree(os.path.join(out_dir, target), ignore_errors=True)
+        if made_by_sharded_save(target):
+            shutil.rmtree(target, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

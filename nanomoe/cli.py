@@ -13,7 +13,11 @@ from nanomoe.errors import UserError
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for prepare.py and tools/, whose usage mistakes end like every other bad input: one
-    'error: ...' line and exit 2, instead of argparse's usage dump."""
+    'error: ...' line and exit 2, instead of argparse's usage dump. No abbreviations: argparse would read
+    `--seed 3` as `--seeds 3`, a different setting than the one written."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see: {self.prog} --help)")
@@ -22,12 +26,14 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(main):
     """Run main() the way every script runs: a UserError is one 'error: ...' line on stderr and exit code 2
     (no traceback); Ctrl-C before a script handles it exits quietly with 130; a reader that closes our
-    stdout (`train.py | head`) stops the printing, not the run."""
+    stdout (`train.py | head`) stops the printing, not the run. Under torchrun every rank meets the same bad
+    input: rank 0 alone prints the line (torchrun's own failure summary may follow it)."""
     stdout, sys.stdout = sys.stdout, PipeSafeStdout(sys.stdout)
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -98,8 +104,10 @@ def pyplot(who_needs_it):
 
 
 def duration(seconds):
-    """3h05m, 4m10s, 12s: how long, at a glance."""
+    """48d07h, 3h05m, 4m10s, 12s: how long, at a glance."""
     seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:

@@ -42,8 +42,14 @@ def _run_config_source(path, scope, keys, set_keys):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' not found (positional arguments are config files, "
                         f"overrides are written --key=value)")
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        f"a config file is Python source: save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file '{path}': {e.strerror or e}") from None
     set_keys.update(k for k in _assigned_names(source, path) if k in keys)
     outer_include = scope.get("include")
     folder = os.path.dirname(path)
@@ -111,6 +117,8 @@ def parse_args(keys, argv, set_keys=None):
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):
             value = raw  # a bare word such as --device=cpu is a string
+            if float in keys[key].types and raw.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+                value = float(raw)  # refused as not finite (settings.check_in_range), not as a word
         if str in keys[key].types and type(value) not in keys[key].types:
             value = raw  # a string setting takes numbers and comma lists as written: --bench_variants=dense,loop
         if not isinstance(value, PLAIN_TYPES) and not takes_list(keys[key]):

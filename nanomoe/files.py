@@ -4,6 +4,7 @@ token files, logs): a temporary name in the same folder, fsync, an atomic rename
 """
 import errno
 import os
+import tempfile
 from contextlib import contextmanager
 
 from nanomoe.errors import UserError
@@ -52,28 +53,49 @@ def atomic_write(path, mode="wb", **open_kwargs):
         raise
 
 
-def is_disk_full(e):
-    """e says the disk (or the quota) is full: an OSError, or a library writing from native code
-    (safetensors: "I/O error: No space left on device (os error 28)")."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(f"os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+def is_disk_full(e, depth=0):
+    """e says the disk (or the quota) is full: an OSError, a library writing from native code (safetensors:
+    "I/O error: No space left on device (os error 28)"), or an error that wraps one (its cause, or the ranks'
+    failures of torch.distributed.checkpoint's CheckpointException)."""
+    if e is None or depth > 5:
+        return False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(f"os error {n})" in str(e) or f"[Errno {n}]" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)):
+        return True
+    wrapped = list(getattr(e, "failures", {}).values()) if isinstance(getattr(e, "failures", None), dict) else []
+    wrapped = [w for v in wrapped for w in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(is_disk_full(w, depth + 1) for w in [e.__cause__, e.__context__, *wrapped])
 
 
-def check_writable_folder(path, key):
-    """Fail before anything is written if the folder `path` (the setting `key`) cannot be used: empty, a file,
-    under a file, or where we may not write (permissions, a read-only filesystem). It need not exist yet."""
+def check_writable_folder(path, key, flag=None):
+    """Fail before anything is written if the folder `path` (the setting `key`, given as `flag`: --key by
+    default) cannot be used: empty, a file, under a file, or where we may not write (permissions, a read-only
+    filesystem). It need not exist yet."""
+    flag = flag or f"--{key}"
     if not path:
-        raise UserError(f"{key} is empty: name a folder (--{key}=path)")
+        raise UserError(f"{key} is empty: name a folder ({flag}=path)")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{key} '{path}' is a file, not a folder (choose another --{key})")
+        raise UserError(f"{key} '{path}' is a file, not a folder (choose another {flag})")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another --{key})")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{key} '{path}' is not writable (choose another --{key} or fix its permissions)")
+        raise UserError(f"cannot create {key} '{path}': '{existing}' is a file (choose another {flag})")
+    if not os.access(existing, os.W_OK) or not can_create_files(existing):
+        raise UserError(f"{key} '{path}' is not writable (choose another {flag} or fix its permissions)")
+
+
+def can_create_files(folder):
+    """Whether a file can be created in folder: os.access says yes to root on a read-only mount and on special
+    filesystems (/proc, /sys), so try it (an empty temp file, removed at once)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 def disk_full_message(path):

@@ -11,6 +11,7 @@ A key may also be a list of plain values (`mamba_layers: list[int]`, written --m
 range and choices then apply to each element.
 """
 import inspect
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -126,6 +127,11 @@ def check_value(key, value, spec, where=None):
 
 
 def check_in_range(key, value, spec, at, what):
+    # inf and nan pass every comparison test or fail it silently (nan < x is False, inf > 0 is True): a
+    # learning rate of inf would train NaN steps, a temperature of inf sample noise. 1e999 parses as inf.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{what} is not a finite number; set --{key} to a finite value"
+                        + (f" ({spec.rule()})" if spec.rule() else ""))
     if spec.choices is not None and value not in spec.choices:
         raise UserError(f"{what} is not one of {', '.join(map(repr, spec.choices))}")
     ok = [spec.min is None or value >= spec.min, spec.max is None or value <= spec.max,

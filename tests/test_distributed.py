@@ -597,6 +597,8 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     target = os.readlink(out / SHARDED)
     iter_num = int(target.split("-")[1][:-len(".dcp")])
     (out / ".tmp-ckpt.dcp").mkdir(exist_ok=True)
+    # a save writes its manifest first (files: null, completed at the end): what marks the folder as ours
+    (out / ".tmp-ckpt.dcp" / "manifest.json").write_text('{"format": "nanoMoE sharded checkpoint", "files": null}')
     (out / ".tmp-ckpt.dcp" / "__0_0.distcp").write_bytes(b"half")
     shutil.copytree(out / target, out / f"ckpt-{iter_num + 1}.dcp")  # renamed, not linked yet: not the latest
     os.symlink(f"ckpt-{iter_num + 1}.dcp", out / ".tmp-ckpt.dcp.12345")  # the new link, before its rename
@@ -606,4 +608,153 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     # and the next run on out_dir clears what the cut-short saves left, keeping the linked one
     open_out_dir(out).close()
     assert sorted(p.name for p in out.glob("*.dcp")) == [target, SHARDED]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ============================================================================= sharded checkpoints, first-class
+
+# a Mixtral-style MoE (it exports), small enough for 2 CPU ranks; every sharded layout a 2-process run has
+MIXTRAL = ["--bias=False", "--pos_emb=rope", "--norm=rmsnorm", "--mlp=swiglu", "--n_experts=4", "--moe_top_k=2",
+           "--block_size=8", "--batch_size=1", "--gradient_accumulation_steps=2"]
+SHARDED_LAYOUTS = {"fsdp": ["--fsdp=True"], "ep": ["--ep_size=2"], "fsdp-ep": ["--fsdp=True", "--ep_size=2"]}
+
+
+@pytest.mark.parametrize("layout", SHARDED_LAYOUTS)
+def test_sample_export_and_experts_read_a_sharded_checkpoint_directly(shakespeare_data, tmp_path, layout):
+    """sample.py, tools.export and tools.experts read ckpt.dcp in one process, no consolidation step first, and
+    give exactly what they give from the consolidated file."""
+    out = tmp_path / "run"
+    assert_ok(torchrun(tmp_path, *TINY, *MIXTRAL, *data_args(shakespeare_data), f"--out_dir={out}",
+                       "--max_iters=2", "--eval_interval=2", *SHARDED_LAYOUTS[layout]))
+    assert os.path.islink(out / SHARDED) and not (out / "ckpt.pt").exists()
+    sample = ["--device=cpu", "--num_samples=2", "--max_new_tokens=12", "--seed=3"]
+    direct = run_script(["sample.py", f"--out_dir={out}", *sample], cwd=tmp_path)
+    assert_ok(direct)
+    assert_ok(run_script(["tools.export", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf-direct'}"], cwd=tmp_path))
+    assert_ok(run_script(["tools.experts", out, "--device=cpu", "--max_tokens=512"], cwd=tmp_path))
+    assert (out / "experts" / "report.md").is_file()
+
+    consolidated(out, "file.pt", cli=True)
+    from_file = run_script(["sample.py", f"--out_dir={out}", "--ckpt=file.pt", *sample], cwd=tmp_path)
+    assert direct.stdout == from_file.stdout and len(direct.stdout) > 24
+    assert_ok(run_script(["tools.export", f"--out_dir={out}", "--ckpt=file.pt", f"--hf_dir={tmp_path / 'hf-file'}"],
+                         cwd=tmp_path))
+    names = sorted(os.listdir(tmp_path / "hf-direct"))
+    assert names == sorted(os.listdir(tmp_path / "hf-file")) and "model.safetensors" in names
+    for name in names:
+        assert (tmp_path / "hf-direct" / name).read_bytes() == (tmp_path / "hf-file" / name).read_bytes(), name
+
+
+def _flip_two_bytes(path):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid] ^= 0xFF
+    data[mid + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _shard(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".distcp")[-1]
+
+
+# what can happen to a saved sharded checkpoint, and the words of its one line
+SHARD_DAMAGE = {
+    "two-bytes-flipped": (lambda d: _flip_two_bytes(_shard(d)), ["__", ".distcp fails its SHA-256 check"]),
+    "shard-missing": (lambda d: _shard(d).unlink(), ["is missing its file __", ".distcp"]),
+    "shard-truncated": (lambda d: _shard(d).write_bytes(_shard(d).read_bytes()[:100]), ["truncated", ".distcp"]),
+    "metadata-missing": (lambda d: (d / ".metadata").unlink(), ["is missing its file .metadata"]),
+    "metadata-garbage": (lambda d: (d / ".metadata").write_bytes(os.urandom((d / ".metadata").stat().st_size)),
+                         [".metadata fails its SHA-256 check"]),
+    "meta-missing": (lambda d: (d / "meta.pt").unlink(), ["is missing its file meta.pt"]),
+    "manifest-missing": (lambda d: (d / "manifest.json").unlink(), ["has no manifest.json"]),
+    "manifest-garbage": (lambda d: (d / "manifest.json").write_text("{\"files\": 3"), ["manifest.json is damaged"]),
+    "folder-missing": (lambda d: shutil.rmtree(d), ["is missing"]),
+}
+
+
+@pytest.mark.parametrize("damage", SHARD_DAMAGE)
+def test_a_damaged_sharded_checkpoint_is_one_line_naming_the_file(fsdp_moe_run, shakespeare_data, tmp_path, damage):
+    """Bytes changed on disk, a shard missing or cut short, a missing or garbage .metadata or manifest: every
+    reader (a resume, sample.py, tools.consolidate) refuses in one line naming the file, before any weight is
+    used (two flipped bytes used to resume silently with an Adam state of 9.5e+29)."""
+    from conftest import assert_user_error, snapshot
+    src, _ = fsdp_moe_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out, symlinks=True)
+    damage_fn, words = SHARD_DAMAGE[damage]
+    damage_fn(out / os.readlink(out / SHARDED))
+    before = snapshot(out)
+    resume = run_script(["train.py", *TINY, *data_args(shakespeare_data), f"--out_dir={out}", "--init_from=resume",
+                         "--max_iters=3"], cwd=tmp_path)
+    assert_user_error(resume, *words)
+    assert_user_error(run_script(["sample.py", f"--out_dir={out}", "--device=cpu"], cwd=tmp_path), *words)
+    assert_user_error(run_script(["tools.consolidate", out], cwd=tmp_path), *words)
+    assert snapshot(out) == before
+
+
+def test_a_sharded_save_on_a_full_disk_is_one_line_and_leaves_no_temporary_folder(fsdp_moe_run, shakespeare_data,
+                                                                                  tmp_path):
+    """The disk fills while the ranks write their shards (simulated in the writer DCP calls): one error line from
+    rank 0, the previous sharded checkpoint kept whole, no .tmp-ckpt.dcp left behind."""
+    src, _ = fsdp_moe_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out, symlinks=True)
+    target = os.readlink(out / SHARDED)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import errno, torch.distributed.checkpoint.filesystem as fs\n"
+        "real = fs._write_item\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "fs._write_item = full\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           *TINY, *data_args(shakespeare_data), f"--out_dir={out}", "--init_from=resume", "--max_iters=3",
+           "--eval_interval=100", "--save_interval=1"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the disk is full" in errors[0] and SHARDED in errors[0], r.stderr
+    assert "Traceback" not in r.stdout, r.stdout
+    assert os.readlink(out / SHARDED) == target and not (out / ".tmp-ckpt.dcp").exists()
+    assert load_sharded_check(out)
+
+
+def load_sharded_check(out):
+    from nanomoe.distributed.checkpoint import read_sharded
+    return read_sharded(str(out / SHARDED), needs=("tokenizer",))["iter_num"] == 2
+
+
+@pytest.mark.parametrize("bad", [["--n_head=3"], ["--learning_rate=inf"], ["--init_from=resume"]],
+                         ids=["model-setting", "non-finite", "nothing-to-resume"])
+def test_a_bad_input_under_torchrun_is_our_error_line_once_without_our_traceback(shakespeare_data, tmp_path, bad):
+    """Every rank meets the bad input; rank 0 alone prints the line. torchrun's own failure summary may follow
+    (the README says so), but no traceback from our code."""
+    r = torchrun(tmp_path, *TINY, *DENSE, *data_args(shakespeare_data), f"--out_dir={tmp_path / 'out'}",
+                 "--max_iters=2", *bad)
+    assert r.returncode != 0
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    assert f'File "{REPO}' not in r.stdout + r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_consolidating_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_one(fsdp_moe_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    from conftest import run_main
+    from tools import consolidate as tool
+    src, _ = fsdp_moe_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out, symlinks=True)
+    (out / "consolidated.pt").write_bytes(b"the file from before")
+    real_save = torch.save
+
+    def save_half(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    code, out_text, err = run_main(tool.main, [out, "--force"], capsys)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 2 and err.startswith("error: the disk is full") and len(err.strip().splitlines()) == 1, err
+    assert (out / "consolidated.pt").read_bytes() == b"the file from before"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]

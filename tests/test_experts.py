@@ -206,7 +206,7 @@ def test_a_sharded_checkpoint_gives_the_same_report(runs, tmp_path):
     for shard in (out / SHARDED).glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     r = report(out, "--force")
-    assert_user_error(r, "cannot read sharded checkpoint", "incomplete or damaged")
+    assert_user_error(r, "sharded checkpoint", ".distcp has 100 bytes", "truncated or damaged")
 
 
 # ----------------------------------------------------------------------------- train.py --save_every
@@ -255,3 +255,19 @@ def test_kept_copies_of_a_killed_and_resumed_run_equal_those_of_a_run_left_alone
         a, b = (load_checkpoint(tmp_path / run / f"ckpt-{it}.pt") for run in ("straight", "killed"))
         assert_same_tensors(a["model"], b["model"], f"ckpt-{it}.pt")
     assert not [p for p in os.listdir(tmp_path / "killed") if p.startswith(".tmp-")]
+
+
+@pytest.mark.slow  # routing and a first figure
+def test_a_full_disk_while_writing_the_report_is_one_line_and_leaves_nothing(runs, tmp_path, monkeypatch):
+    from PIL import Image
+    out = tmp_path / "moe"
+    shutil.copytree(runs.moe, out, ignore=shutil.ignore_patterns("experts", "ckpt-*"))
+    before = snapshot(out)
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    r = report(out, "--max_tokens=1000")
+    assert_user_error(r, "the disk is full", str(out / "experts"))
+    assert snapshot(out) == before  # no report, no temporary folder

@@ -188,3 +188,27 @@ def test_without_mamba_layers_the_model_is_unchanged():
     hybrid = tiny()
     assert [hasattr(b, "mamba") for b in hybrid.transformer.h] == [True, False, True]
     assert not hasattr(hybrid.transformer.h[0], "attn")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gated_norm_normalises_each_group_of_heads_on_its_own(groups):
+    """The reference Mamba2 (mamba_ssm's RMSNormGated, group_size = d_inner / n_groups) normalises each group's
+    channels by their own root mean square; written out here from the layer's own pieces."""
+    from model import GPTConfig as Config
+    torch.manual_seed(0)
+    config = Config(**{**TINY, "mamba2_n_groups": groups})
+    layer = Mamba2(config, layer_idx=0).double()
+    with torch.no_grad():
+        layer.norm.weight.copy_(torch.rand(layer.d_inner, dtype=torch.float64) + 0.5)
+    u = torch.randn(2, 16, config.n_embd, dtype=torch.float64)
+    H, P, N, G = layer.n_head, layer.head_dim, layer.state_size, layer.n_groups
+    z, xBC, dt = layer.in_proj(u).split([layer.d_inner, layer.conv_dim, H], dim=-1)
+    x, B, C = torch.nn.functional.silu(layer.causal_conv(xBC, None)).split([layer.d_inner, G * N, G * N], dim=-1)
+    x_BTHP = x.view(2, 16, H, P)
+    y_BTHP, _ = ssd_chunked(x_BTHP, torch.nn.functional.softplus(dt + layer.dt_bias), -torch.exp(layer.A_log),
+                            B.view(2, 16, G, N), C.view(2, 16, G, N), layer.chunk_size, None)
+    gated = (y_BTHP + layer.D[:, None] * x_BTHP).reshape(2, 16, -1) * torch.nn.functional.silu(z)
+    size = layer.d_inner // groups
+    normed = torch.cat([g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + layer.norm.eps)
+                        for g in gated.split(size, dim=-1)], dim=-1) * layer.norm.weight
+    torch.testing.assert_close(layer(u), layer.c_proj(normed))

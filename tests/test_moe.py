@@ -510,3 +510,34 @@ def test_moe_resume_and_sample(moe_run, shakespeare_data):
     samples = r.stdout.split("\n---------------\n")
     assert samples[-1] == "" and [len(s) for s in samples[:2]] == [32, 32]
     assert all(s.startswith("ab") for s in samples[:2])
+
+
+def test_aux_free_bias_of_an_expert_at_exactly_the_mean_load_does_not_move():
+    """Counts 34, 62, 6 of 102 top-1 choices over 3 experts: expert 0 is at the mean load exactly. The sign of
+    the float fractions (34/102 against their rounded mean) moved its bias; the whole counts leave it."""
+    model = tiny_moe_gpt(balance_mode="aux_free", bias_update_rate=0.01, moe_top_k=1, n_experts=3)
+    layers = model.moe_layers()
+    counts = torch.tensor([34, 62, 6])
+    fractions = counts.float() / 102
+    assert torch.sign(fractions.mean() - fractions)[0] != 0  # what the old comparison saw
+    for layer in layers:
+        layer.step_counts = counts.clone()  # what the step's forward passes counted (MoE.forward)
+    model.end_step(torch.stack([fractions] * len(layers)), torch.tensor(False), ONE_PROCESS)
+    for layer in layers:
+        assert layer.expert_bias.tolist() == pytest.approx([0.0, -0.01, 0.01])
+        assert layer.step_counts is None  # the next step counts anew
+
+
+def test_aux_free_counts_come_from_the_training_forward_passes_only():
+    model = tiny_moe_gpt(balance_mode="aux_free", bias_update_rate=0.01, moe_top_k=2)
+    idx = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    model(idx, idx)  # evaluation: not part of any step
+    assert all(layer.step_counts is None for layer in model.moe_layers())
+    model.train()
+    _, _, first = model(idx[:2], idx[:2])
+    _, _, second = model(idx[2:], idx[2:])
+    for i, layer in enumerate(model.moe_layers()):  # two micro-steps of 2 x 16 tokens, 2 choices each
+        assert layer.step_counts.sum() == 2 * 2 * 16 * 2
+        torch.testing.assert_close(layer.step_counts.double() / 128, (first["expert_load"][i] +
+                                                                      second["expert_load"][i]).double() / 2)

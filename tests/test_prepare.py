@@ -147,7 +147,25 @@ def test_download_http_error(tmp_path, server):
     url, _ = server
     r = run_script(["prepare.py", "shakespeare_char", "--url", url + "/missing.txt", "--retries", 0], tmp_path)
     assert_user_error(r, "could not download", "404", "--input")
-    assert files_under(tmp_path / "data") == []
+    assert not (tmp_path / "data").exists()  # no empty dataset folder left behind
+
+
+def test_an_already_prepared_dataset_is_a_quick_no_op_offline(tmp_path, server, prepare_here):
+    """`prepare.py shakespeare_char` again, offline and without its input.txt: nothing to do, no download."""
+    url, routes = server
+    routes["/input.txt"] = (200, ("ROMEO: hello there\n" * 50).encode(), None)
+    prepare_here("shakespeare_char", "--url", url + "/input.txt", "--retries", 0)
+    out = tmp_path / "data" / "shakespeare_char"
+    (out / "input.txt").unlink()
+    before = digest(out)
+    routes.clear()  # offline from here: any request would get a 404 and fail
+    printed = prepare_here("shakespeare_char", "--url", url + "/input.txt", "--retries", 0)
+    assert "already prepared" in printed.out and "downloading" not in printed.out
+    assert digest(out) == before
+    # a damaged dataset (a .bin of the wrong size) is not "prepared": it goes to the network, which fails
+    (out / "val.bin").write_bytes(b"12")
+    r = run_script(["prepare.py", "shakespeare_char", "--url", url + "/input.txt", "--retries", 0], tmp_path)
+    assert_user_error(r, "could not download")
 
 
 def test_download_truncated_keeps_old_files(tmp_path, server):
@@ -265,10 +283,40 @@ def test_failed_run_keeps_old_files(tmp_path, prepare_here, monkeypatch):
     with pytest.raises(UserError, match="disk is full.*data/notes"):
         prepare_here("text", "--input", "notes.txt", "--force")
     assert digest(out) == before
+    with pytest.raises(UserError, match="disk is full"):  # a new dataset: not even its folder stays
+        prepare_here("text", "--input", "notes.txt", "--name", "other")
+    assert sorted(os.listdir(tmp_path / "data")) == ["notes"]
     # with --force and room on the disk, the new dataset replaces the old one, nothing else left beside it
     monkeypatch.setattr(os, "fsync", real_fsync)
     prepare_here("text", "--input", "notes.txt", "--force")
     assert digest(out) != before and set(digest(out)) == {"meta.json", "train.bin", "val.bin"}
+
+
+TEXT = "Le cœur a ses raisons que la raison ne connaît point; café, naïve, Æsop.\n" * 20
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16", "cp1252"])
+def test_text_in_another_encoding_is_one_line_and_reads_with_encoding(tmp_path, prepare_here, encoding):
+    (tmp_path / "notes.txt").write_bytes(TEXT.replace("œ", "oe").encode(encoding))
+    r = run_script(["prepare.py", "text", "--input", "notes.txt"], tmp_path)
+    assert_user_error(r, "notes.txt is not utf-8 text", "--encoding")
+    assert not (tmp_path / "data").exists()
+    prepare_here("text", "--input", "notes.txt", "--encoding", encoding)
+    meta, train, val = read_dataset(tmp_path / "data" / "notes")
+    assert Tokenizer.from_meta(meta).decode(np.concatenate([train, val])) == TEXT.replace("œ", "oe")
+
+
+@pytest.mark.parametrize("content, words", [(bytes(range(256)) * 4, ["is not utf-8 text"]),
+                                            (b"\xff\xfe" + b"\x00\xd8" * 8, ["is not utf-16 text"])],
+                         ids=["binary", "utf-16-lone-surrogates"])
+def test_binary_or_undecodable_input_is_one_line(tmp_path, content, words):
+    (tmp_path / "blob.txt").write_bytes(content)
+    encoding = "utf-16" if "utf-16" in words[0] else "utf-8"
+    r = run_script(["prepare.py", "text", "--input", "blob.txt", "--encoding", encoding], tmp_path)
+    assert_user_error(r, *words)
+    r = run_script(["prepare.py", "text", "--input", "blob.txt", "--encoding", "klingon"], tmp_path)
+    assert_user_error(r, "--encoding 'klingon'")
+    assert not (tmp_path / "data").exists()
 
 
 # -----------------------------------------------------------------------------

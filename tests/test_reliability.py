@@ -204,6 +204,120 @@ def train_in_process(args, monkeypatch, capsys):
     return code, out.out + out.err
 
 
+# ----------------------------------------------------------------------------- the run's folder and its lock
+
+def test_a_run_started_while_another_ends_does_not_overwrite_its_checkpoint(trained, shakespeare_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Run A holds out_dir's lock and has no checkpoint yet; run B, a new run on the same out_dir, starts. While
+    B loads its data, A saves its checkpoint and ends. B must stop at the lock, having read nothing of the folder
+    before it (it used to pass the "a checkpoint exists" check first, then take the freed lock and overwrite
+    A's checkpoint)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    a = checkpoint.OutDirLock(str(out))  # run A, training
+    real_data = train.TokenData
+
+    def a_saves_and_ends(*args, **kwargs):
+        shutil.copy(trained / "ckpt.pt", out / "ckpt.pt")
+        a.close()
+        return real_data(*args, **kwargs)
+
+    monkeypatch.setattr(train, "TokenData", a_saves_and_ends)
+    code, output = train_in_process(train_args(shakespeare_data, out, "--max_iters=2"), monkeypatch, capsys)
+    a.close()
+    assert code == 2 and output.strip().splitlines() == [output.strip()], output
+    assert output.startswith("error: out_dir") and "is in use by another train.py" in output, output
+    assert sorted(os.listdir(out)) == [".lock"]  # B wrote nothing (A, still running, has not saved yet)
+
+
+def test_a_resume_while_another_run_holds_the_lock_is_one_line(trained, shakespeare_data, tmp_path):
+    """A single-process resume while a (torchrun) run trains in the folder: the lock refuses it before it reads
+    the checkpoint the other run is rewriting; the folder is untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    other = checkpoint.OutDirLock(str(out))  # the torchrun run's rank 0
+    before = snapshot(out)
+    r = run_script(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=6"), cwd=tmp_path)
+    assert_user_error(r, "is in use by another train.py", f"pid {os.getpid()}")
+    assert snapshot(out) == before
+    other.close()
+
+
+def test_a_refused_new_run_leaves_no_folder_behind(shakespeare_data, tmp_path):
+    """The lock is taken before the checks; a run refused after it removes the folders it created."""
+    out = tmp_path / "new" / "deeper" / "out"
+    r = run_script(train_args(shakespeare_data, out, "--n_head=3"), cwd=tmp_path)
+    assert_user_error(r, "n_head=3")
+    assert os.listdir(tmp_path) == []
+
+
+def _sharded_folder(path, ours):
+    """A folder named like a sharded checkpoint: ours carries save_sharded's manifest, a user's does not."""
+    path.mkdir()
+    (path / "notes.txt").write_text("a user's file")
+    if ours:
+        (path / checkpoint.MANIFEST).write_text(json.dumps({"format": checkpoint.MANIFEST_FORMAT, "files": None}))
+
+
+def test_resume_removes_only_the_sharded_folders_its_saves_made(trained, shakespeare_data, tmp_path):
+    """An unsharded resume clears what killed sharded saves left (their folders carry our manifest), and keeps
+    a user's own folders that merely look like them."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    for name, ours in [("ckpt-5.dcp", False), (".tmp-ckpt.dcp", False), ("ckpt-7.dcp", True), ("ckpt-8-1.dcp", True)]:
+        _sharded_folder(out / name, ours)
+    assert_ok(run_script(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=5",
+                                    "--eval_interval=2"), cwd=tmp_path))
+    assert (out / "ckpt-5.dcp" / "notes.txt").exists() and (out / ".tmp-ckpt.dcp" / "notes.txt").exists()
+    assert not (out / "ckpt-7.dcp").exists() and not (out / "ckpt-8-1.dcp").exists()
+
+
+def test_ctrl_c_during_a_long_evaluation_abandons_it_within_a_batch(trained, shakespeare_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    """A signal during an evaluation of 100,000 batches per split (a resumed run's first, at iter 4): the eval
+    stops after the batch it arrives in and records nothing, the run saves where it is, says how to continue
+    and ends 0."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    records = read_metrics(out)
+    real_forward, real_evaluate, eval_batches = model_module.GPT.forward, train.evaluate, []
+
+    def evaluate(run):
+        eval_batches.append(0)  # counts from here
+        return real_evaluate(run)
+
+    def forward(self, idx, targets=None):
+        if eval_batches:
+            eval_batches.append(1)
+            if len(eval_batches) == 4:  # the 3rd batch
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, idx, targets)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    code, output = train_in_process(train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=8",
+                                               "--eval_iters=100000"), monkeypatch, capsys)
+    assert code == 0, output
+    assert len(eval_batches) == 4  # the batch the signal arrived in was the last
+    assert "evaluation abandoned after 3 of 100000 train batches" in output
+    assert "saved checkpoint" in output and "stopped at iter 4; continue with --init_from=resume" in output
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 4
+    assert read_metrics(out) == [r for r in records if r["iter"] < 4]  # none of the abandoned eval (the resume
+    # dropped the old run's records from iter 4 on: it redoes them)
+
+
+def test_a_run_ends_with_a_summary_line_whose_sample_command_works(trained, tmp_path, shakespeare_data):
+    out = tmp_path / "out"
+    r = run_script(train_args(shakespeare_data, out, "--max_iters=2", "--eval_interval=2"), cwd=tmp_path)
+    assert_ok(r)
+    last = r.stdout.strip().splitlines()[-1]
+    best = min(rec["val_loss"] for rec in read_metrics(out) if rec["type"] == "eval")
+    assert last.startswith(f"done: best val loss {best:.4f}, ") and f"checkpoint {out / 'ckpt.pt'};" in last, last
+    command = last.split("sample it: ")[1].split()
+    assert command[:2] == ["python", "sample.py"]
+    assert_ok(run_script([*command[1:], "--device=cpu", "--num_samples=1", "--max_new_tokens=4"], cwd=tmp_path))
+
+
 def train_with_nan_losses(args, nan_iters, monkeypatch, capsys):
     """train_in_process with the training loss made NaN at the iterations in nan_iters (the forward pass
     reads the iteration from get_lr, which the loop calls once per iteration first)."""
@@ -500,6 +614,40 @@ def _remove(*paths):
     return lambda case: [(case / p).unlink() for p in paths]
 
 
+def _lock_folder(case):
+    (case / "out" / ".lock").unlink()
+    (case / "out" / ".lock").mkdir()
+
+
+# a line of metrics.jsonl that is not a record, followed by good ones (a torn last line is normal: dropped)
+DAMAGED_LOG_LINES = {"not-json": b"{iter: 1", "string-iter": b'{"type": "eval", "iter": "two"}',
+                     "null-iter": b'{"type": "eval", "iter": null}', "no-iter": b'{"type": "eval"}',
+                     "list": b"[1, 2]", "latin-1": '{"type": "caf\xe9", "iter": 1}'.encode("latin-1")}
+
+
+def _damage_log(line):
+    def setup(case):
+        lines = (case / "out" / "metrics.jsonl").read_bytes().splitlines()
+        (case / "out" / "metrics.jsonl").write_bytes(b"\n".join([lines[0], line, *lines[1:]]) + b"\n")
+    return setup
+
+
+def _write_bytes(name, data):
+    return lambda case: (case / name).write_bytes(data)
+
+
+def _nan_weight(case):
+    """A checkpoint of a run that diverged (or was damaged): one weight NaN, every file otherwise sound."""
+    ckpt = torch.load(case / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.ln_f.weight"][0] = float("nan")
+    torch.save(ckpt, case / "out" / "ckpt.pt")
+
+
+# text that is not UTF-8: Latin-1, UTF-16 (with its byte-order mark), binary
+NOT_UTF8 = {"latin-1": "batch_size = 4  # café\n".encode("latin-1"),
+            "utf-16": "batch_size = 4\n".encode("utf-16"), "binary": bytes(range(128, 256))}
+
+
 # (id, script, arguments after the usual ones ({case} is the case's folder), setup of the folder, words in the error)
 BAD_INPUTS = [
     ("unknown-key", "train.py", ["--n_embed=32"], None, ["unknown config key 'n_embed'", "did you mean 'n_embd'?"]),
@@ -573,6 +721,9 @@ BAD_INPUTS = [
     ("out_dir-is-a-file", "train.py", ["--out_dir={case}/afile"], _write("afile", "x"), ["afile", "is a file"]),
     ("out_dir-under-a-file", "train.py", ["--out_dir={case}/afile/run"], _write("afile", "x"),
      ["cannot create out_dir", "afile/run"]),
+    ("out_dir-empty", "train.py", ["--out_dir="], None, ["out_dir is empty"]),
+    ("out_dir-under-proc", "train.py", ["--out_dir=/proc/nanomoe-run"], None, ["out_dir", "/proc/nanomoe-run"]),
+    ("out_dir-under-sys", "train.py", ["--out_dir=/sys/nanomoe-run"], None, ["out_dir", "/sys/nanomoe-run"]),
     ("scratch-over-a-checkpoint", "train.py", [], None, ["ckpt.pt already exists", "--init_from=resume"]),
     ("resume-no-checkpoint", "train.py", ["--init_from=resume"], _remove("out/ckpt.pt", "out/best.pt"),
      ["no checkpoint at", "ckpt.pt"]),
@@ -594,6 +745,19 @@ BAD_INPUTS = [
     ("sample-no-checkpoint", "sample.py", ["--out_dir={case}/empty"], None, ["no checkpoint at", "empty"]),
     ("sample-corrupt-checkpoint", "sample.py", [], _damage("out/ckpt.pt"), ["corrupt", "CRC"]),
     ("n_experts-negative", "train.py", ["--n_experts=-1"], None, ["n_experts=-1", "must be >= 0"]),
+    *[(f"config-file-{name}", "train.py", ["{case}/conf.py"], _write_bytes("conf.py", data),
+       ["config file", "conf.py", "is not UTF-8 text"]) for name, data in NOT_UTF8.items()],
+    *[(f"sample-prompt-file-{name}", "sample.py", ["--start=FILE:{case}/prompt.txt"], _write_bytes("prompt.txt", data),
+       ["prompt file", "prompt.txt", "is not UTF-8 text"]) for name, data in NOT_UTF8.items()],
+    ("sample-nan-weights", "sample.py", [], _nan_weight, ["non-finite weights", "transformer.ln_f.weight", "best.pt"]),
+    ("export-nan-weights", "tools.export", ["--hf_dir={case}/hf"], _nan_weight,
+     ["non-finite weights", "transformer.ln_f.weight"]),
+    ("export-hf_dir-empty", "tools.export", ["--hf_dir="], None, ["hf_dir is empty"]),
+    ("export-hf_dir-is-a-file", "tools.export", ["--hf_dir={case}/afile"], _write("afile", "x"), ["afile", "is a file"]),
+    ("export-hf_dir-under-a-file", "tools.export", ["--hf_dir={case}/afile/hf"], _write("afile", "x"),
+     ["cannot create hf_dir", "afile"]),
+    ("export-hf_dir-under-proc", "tools.export", ["--hf_dir=/proc/nanomoe-hf"], None, ["hf_dir", "not writable"]),
+    ("export-hf_dir-not-empty", "tools.export", ["--hf_dir={case}/out"], None, ["is not empty", "--force=True"]),
     ("sample-checkpoint-without-tokenizer", "sample.py", [], _drop_tokenizer, ["lacks tokenizer", "train it again"]),
     ("sample-zero-temperature", "sample.py", ["--temperature=0"], None, ["temperature=0.0", "must be > 0"]),
     # MLA and F-gram settings (the tiny model: n_embd=32, 2 heads of 16)
@@ -662,6 +826,12 @@ BAD_INPUTS = [
     # a checkpoint from before Muon (no 'optimizer' setting) was trained with AdamW
     ("resume-pre-muon-checkpoint-with-muon", "train.py", ["--init_from=resume", "--optimizer=muon"],
      _edit_checkpoint(lambda ckpt: ckpt["config"].pop("optimizer")), ["trained with optimizer='adamw'"]),
+    # the run's folder: what it holds is read under its lock
+    ("eval_only-new-model-into-another-runs-log", "train.py", ["--eval_only=True", "--out_dir={case}/out"], None,
+     ["--eval_only=True with init_from='scratch'", "metrics.jsonl", "--init_from=resume"]),
+    ("lock-is-a-folder", "train.py", ["--init_from=resume"], _lock_folder, [".lock is a folder", "remove it"]),
+    *[(f"resume-metrics-log-{name}", "train.py", ["--init_from=resume"], _damage_log(line),
+       ["metrics.jsonl line 2 is damaged", "fix or delete that line"]) for name, line in DAMAGED_LOG_LINES.items()],
 ]
 
 
@@ -682,7 +852,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trai
     shutil.copytree(trained, case / "out")
     if setup:
         setup(case)
-    if script == "train.py":
+    if script == "tools.export":
+        args = [script, f"--out_dir={case / 'out'}"]
+    elif script == "train.py":
         # a new run goes to a new out_dir (one over a finished run's checkpoint is its own bad input)
         resume = any(a.startswith("--init_from=resume") for a in extra) or case_id == "scratch-over-a-checkpoint"
         args = train_args(case / "data", case / ("out" if resume else "new"), "--max_iters=6", "--eval_interval=2")
@@ -693,3 +865,121 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(shakespeare_data, trai
     r = run(args, cwd=case, check=False) if as_subprocess else run_script(args, cwd=case)
     assert_user_error(r, *words)
     assert snapshot(case, shakespeare_data) == before
+
+
+# every float setting of the scripts, given a value that is not a finite number: refused while the arguments are
+# read, before any file, process group or model. The values take turns: inf, nan, 1e999 (Python reads it as
+# inf), -inf; one of them in a config file instead of a flag
+NON_FINITE = ["inf", "nan", "1e999", "-inf"]
+
+
+def _float_keys():
+    import sample
+    for script, keys in (("train.py", train.KEYS), ("sample.py", sample.KEYS)):
+        for key, spec in keys.items():
+            if float in spec.types:
+                yield script, key
+
+
+FLOAT_KEYS = list(_float_keys())
+
+
+@pytest.mark.parametrize("script, key, value, in_file",
+                         [(script, key, NON_FINITE[i % 4], i % 5 == 4) for i, (script, key) in enumerate(FLOAT_KEYS)],
+                         ids=[f"{script[:-3]}-{key}" for script, key in FLOAT_KEYS])
+def test_non_finite_float_settings_are_refused_before_anything_runs(shakespeare_data, trained, tmp_path, script, key,
+                                                                    value, in_file):
+    assert len(FLOAT_KEYS) >= 16  # learning_rate, min_lr, dropout, rope_theta, z_loss_weight, temperature, ...
+    if in_file:
+        (tmp_path / "conf.py").write_text(f"{key} = float({value!r})\n")
+    setting = [str(tmp_path / "conf.py")] if in_file else [f"--{key}={value}"]
+    if script == "train.py":
+        args = train_args(shakespeare_data, tmp_path / "new", "--max_iters=2", *setting)
+    else:
+        args = ["sample.py", f"--out_dir={trained}", "--device=cpu", "--num_samples=1", "--max_new_tokens=2", *setting]
+    before = snapshot(tmp_path, trained)
+    r = run_script(args, cwd=tmp_path)
+    assert_user_error(r, f"{key}=", "is not a finite number", f"--{key}")
+    assert snapshot(tmp_path, trained) == before
+
+
+# ----------------------------------------------------------------------------- a sharded checkpoint, in one process
+
+@pytest.fixture(scope="module")
+def sharded(trained, tmp_path_factory):
+    """The trained run's final state saved as a sharded ckpt.dcp by train.py's save_sharded (a one-process
+    gloo group): the quick tier's stand-in for a torchrun run's (tests/test_distributed.py has those)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from nanomoe.distributed.checkpoint import save_sharded
+    from nanomoe.optim import configure_optimizers
+    out = tmp_path_factory.mktemp("sharded") / "out"
+    out.mkdir()
+    ckpt = checkpoint.load_checkpoint(trained / "ckpt.pt")
+    model = checkpoint.model_from_checkpoint(ckpt)
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    dist.init_process_group("gloo", init_method=f"file://{out.parent / 'init'}", rank=0, world_size=1)
+    try:
+        save_sharded(model, optimizer, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, out,
+                     SimpleNamespace(master=True))
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_sample_reads_a_sharded_checkpoint_as_the_file_it_was_saved_from(trained, sharded, tmp_path):
+    args = ["--device=cpu", "--num_samples=2", "--max_new_tokens=16", "--seed=5"]
+    from_file = run_script(["sample.py", f"--out_dir={trained}", *args], cwd=tmp_path)
+    from_shards = run_script(["sample.py", f"--out_dir={sharded}", *args], cwd=tmp_path)
+    assert_ok(from_shards)
+    assert from_shards.stdout == from_file.stdout
+    assert from_shards.stderr == ""  # no warning of DCP's about reading without a process group
+
+
+def test_two_flipped_bytes_in_a_shard_are_one_line_naming_it(sharded, shakespeare_data, tmp_path):
+    """The audit's case: two bytes changed inside a ckpt.dcp shard used to resume silently (an Adam state went
+    from 2.8e-09 to 9.5e+29). Now every reader refuses it, naming the shard, and nothing is written."""
+    out = tmp_path / "out"
+    shutil.copytree(sharded, out, symlinks=True)
+    folder = out / os.readlink(out / checkpoint.SHARDED)
+    shard = sorted(folder.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    data[len(data) // 2 + 7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = snapshot(out)
+    for args in (["sample.py", f"--out_dir={out}", "--device=cpu"], ["tools.export", f"--out_dir={out}"],
+                 ["tools.consolidate", out],
+                 train_args(shakespeare_data, out, "--init_from=resume", "--max_iters=6")):
+        assert_user_error(run_script(args, cwd=tmp_path), shard.name, "fails its SHA-256 check")
+    assert snapshot(out) == before
+
+
+def test_a_sharded_run_has_no_best_pt_and_the_line_names_what_to_read(sharded, tmp_path):
+    base = ["sample.py", f"--out_dir={sharded}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"]
+    assert_user_error(run_script([*base, "--ckpt=best.pt"], cwd=tmp_path), "keeps no best.pt", "--ckpt=ckpt.dcp")
+    assert_ok(run_script([*base, "--ckpt=ckpt.dcp"], cwd=tmp_path))
+
+
+def test_best_pt_copied_on_a_full_disk_is_one_line_and_leaves_no_half_copy(trained, tmp_path, monkeypatch):
+    """Where hard links fail (another filesystem's rules), best.pt is a copy; a full disk during it leaves the
+    old best.pt and no temporary file."""
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    old_best = (out / "best.pt").read_bytes()
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def copy_until_full(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)
+    with pytest.raises(UserError, match="the disk is full.*best.pt"):
+        checkpoint.link_checkpoint(str(out / "ckpt.pt"), str(out / "best.pt"))
+    assert (out / "best.pt").read_bytes() == old_best
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]

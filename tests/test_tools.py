@@ -3,7 +3,9 @@ The tools (tools/, run as `python -m tools.NAME`): bench times train.py's own st
 plot draws runs' metrics.jsonl; study trains the variants, tabulates seeds and resumes; consolidate refuses
 a run without a sharded checkpoint. Each bad input is one line.
 """
+import errno
 import json
+import os
 import re
 import shutil
 from types import SimpleNamespace
@@ -175,6 +177,82 @@ def test_an_existing_image_is_replaced_only_with_force(runs, tmp_path, capsys):
     assert_png(tmp_path / "mine.png")
 
 
+# metrics records of the wrong types (a damaged or hand-edited log): skipped, each with a warning naming its line
+DAMAGED_RECORDS = {"string-iter": '{"type": "eval", "iter": "4", "val_loss": 1.0}',
+                   "null-iter": '{"type": "eval", "iter": null, "val_loss": 1.0}',
+                   "float-iter": '{"type": "eval", "iter": 2.5, "val_loss": 1.0}',
+                   "string-val_loss": '{"type": "eval", "iter": 4, "val_loss": "low"}',
+                   "empty-expert_load": '{"type": "eval", "iter": 4, "val_expert_load": []}',
+                   "ragged-expert_load": '{"type": "eval", "iter": 4, "val_expert_load": [[0.5, 0.5], [1.0]]}',
+                   "no-type": '{"iter": 4, "val_loss": 1.0}', "list": "[4, 1.0]", "number": "4"}
+
+
+@pytest.mark.parametrize("name", DAMAGED_RECORDS)
+def test_damaged_metrics_records_are_skipped_with_a_warning_naming_the_line(runs, tmp_path, capsys, name):
+    live = tmp_path / "run"
+    shutil.copytree(runs[1], live)
+    lines = (live / "metrics.jsonl").read_text().splitlines()
+    (live / "metrics.jsonl").write_text("\n".join([lines[0], DAMAGED_RECORDS[name], *lines[1:]]) + "\n")
+    records = plot.read_metrics(live)
+    assert records == plot.read_metrics(runs[1])  # the good records, all of them
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {live / 'metrics.jsonl'} line 2 ") and "skipped" in err[0]
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_a_damaged_record_still_plots_the_rest(runs, tmp_path, capsys):
+    live = tmp_path / "run"
+    shutil.copytree(runs[1], live)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write(DAMAGED_RECORDS["string-iter"] + "\n" + DAMAGED_RECORDS["empty-expert_load"] + "\n")
+    code, out, err = plot_cli([live, "-o", tmp_path / "x.png"], capsys)
+    assert code == 0 and err.count("warning: ") == 2, err
+    assert_png(tmp_path / "x_experts.png")
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("name, words", [("", ["is not a file name"]), ("{tmp}", ["is not a file name"]),
+                                         ("{tmp}/x.xyz", ["cannot write '.xyz' images", ".png"]),
+                                         ("{tmp}/nofolder/x.png", ["does not exist"]),
+                                         ("{tmp}/afile/x.png", ["afile", "is a file"])])
+def test_plot_output_names_that_cannot_be_used_are_one_line(runs, tmp_path, capsys, name, words):
+    (tmp_path / "afile").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = plot_cli([runs[1], "-o", name.replace("{tmp}", str(tmp_path))], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_plot_output_without_an_extension_is_written_as_the_png_it_names(runs, tmp_path, capsys):
+    code, out, err = plot_cli([runs[1], "-o", tmp_path / "curves"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [f"wrote {tmp_path / 'curves.png'}", f"wrote {tmp_path / 'curves_experts.png'}"]
+    assert_png(tmp_path / "curves.png")
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "curves_experts.png"]
+
+
+@needs_matplotlib
+@pytest.mark.slow  # drawing takes seconds
+def test_plot_on_a_full_disk_keeps_the_old_image_and_leaves_no_partial_file(runs, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+    (tmp_path / "mine.png").write_bytes(b"the old picture")
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig_until_full(self, f, *args, **kwargs):
+        real(self, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_until_full)
+    code, out, err = plot_cli([runs[1], "-o", tmp_path / "mine.png", "--force"], capsys)
+    assert code == 2 and err.startswith("error: the disk is full") and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["mine.png"]
+    assert (tmp_path / "mine.png").read_bytes() == b"the old picture"
+
+
 # ----------------------------------------------------------------------------- study
 
 def study_args(tmp_path, data_root, work):
@@ -253,3 +331,55 @@ def test_consolidate_without_a_sharded_checkpoint(tmp_path, capsys):
     # its other bad inputs are those of loading a checkpoint: test_reliability.py
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "has no sharded checkpoint (ckpt.dcp)" in err
+
+
+def _fake_sharded_run(folder):
+    """An out_dir whose ckpt.dcp link exists (its checks on --dest come before any shard is read)."""
+    (folder / "ckpt-2.dcp").mkdir(parents=True)
+    os.symlink("ckpt-2.dcp", folder / "ckpt.dcp")
+    return folder
+
+
+@pytest.mark.parametrize("dest, words", [
+    ("{run}/consolidated.pt", ["consolidated.pt already exists", "--force"]),
+    ("", ["--dest '' is not a file name"]),
+    ("{tmp}", ["is not a file name"]),
+    ("{tmp}/afile/moe.pt", ["afile", "is a file"]),
+    ("{tmp}/nofolder/moe.pt", ["the folder", "nofolder", "does not exist"]),
+    ("/proc/moe.pt", ["--dest", "/proc"]),
+    ("{tmp}/mine", ["mine.pt already exists", "--force"]),  # no extension: completed with .pt, then checked
+], ids=["exists", "empty", "a-folder", "under-a-file", "folder-missing", "under-proc", "completed-exists"])
+def test_consolidate_dest_that_cannot_be_used_is_one_line_and_writes_nothing(tmp_path, capsys, dest, words):
+    run_dir = _fake_sharded_run(tmp_path / "run")
+    (run_dir / "consolidated.pt").write_bytes(b"a consolidated file from before")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mine.pt").write_bytes(b"mine")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    code, out, err = run_main(consolidate.main, [run_dir, "--dest", dest.replace("{run}", str(run_dir)).replace(
+        "{tmp}", str(tmp_path))], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- every argument parser
+
+# an option written short: argparse would take it as the longer option it starts (`--seed 3` as `--seeds 3`)
+ABBREVIATED = [("prepare", ["text", "--input", "x.txt", "--val", "0.2"], "--val"),
+               ("plot", ["run", "--forc"], "--forc"),
+               ("consolidate", ["run", "--des", "x.pt"], "--des"),
+               ("experts", ["run", "--max", "5"], "--max"),
+               ("study", ["--seed", "3"], "--seed")]
+
+
+@pytest.mark.parametrize("tool, argv, option", ABBREVIATED, ids=[t for t, _, _ in ABBREVIATED])
+def test_no_parser_takes_an_abbreviated_option(tmp_path, capsys, monkeypatch, tool, argv, option):
+    import prepare
+    from tools import experts
+    main = {"prepare": prepare.main, "plot": plot.main, "consolidate": consolidate.main, "experts": experts.main,
+            "study": study.main}[tool]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: unrecognized arguments") and option in err, err
+    assert os.listdir(tmp_path) == []

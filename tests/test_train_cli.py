@@ -3,6 +3,7 @@ train.py and sample.py end to end, the way a person runs them: train a tiny dens
 it (from another folder, without the dataset, as a process of its own), resume it.
 The bad inputs of both scripts are in test_reliability.py.
 """
+import re
 import shutil
 
 import pytest
@@ -110,4 +111,11 @@ def test_gpu_recipe_on_a_cpu_says_how_long_and_points_to_the_cpu_recipe(tmp_path
     finally:
         p.kill()
         p.communicate()
-    assert "hours" in note and "config/train_shakespeare_moe_cpu.py" in note
+    assert re.search(r"would take about \d+(d\d\dh|h\d\dm) ", note) and "config/train_shakespeare_moe_cpu.py" in note, note
+
+
+@pytest.mark.parametrize("seconds, text", [(12.9, "12s"), (250, "4m10s"), (3 * 3600 + 300, "3h05m"),
+                                           (1159183.1 * 3600, "48299d07h")])
+def test_long_durations_read_in_days(seconds, text):
+    from nanomoe.cli import duration
+    assert duration(seconds) == text

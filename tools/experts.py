@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_model import load_stats
-from nanomoe.checkpoint import SHARDED, kept_checkpoints, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from nanomoe.checkpoint import kept_checkpoints, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanomoe.cli import ArgumentParser, Progress, duration, pyplot, run_cli
 from nanomoe.data import TokenData, describe_tokenizer
 from nanomoe.device import autocast_context, pick_device, pick_dtype
 from nanomoe.errors import UserError
-from nanomoe.files import temp_path
+from nanomoe.files import disk_full_message, is_disk_full, temp_path
+from nanomoe.runs import read_checkpoint
 from nanomoe.tokenizer import Tokenizer
 
 CLASSES = ("newline", "indentation", "space", "lowercase", "uppercase", "digit", "punctuation")
@@ -122,21 +123,8 @@ def main(argv):
 def read_run(out_dir):
     """(model, entries) of a run's latest checkpoint: ckpt.pt, or the sharded ckpt.dcp read in this process
     (weights only, whatever the number of processes that wrote it)."""
-    path = latest_checkpoint(out_dir)
-    if not path.endswith(SHARDED):
-        ckpt = load_checkpoint(path, needs=("tokenizer",))
-        return model_from_checkpoint(ckpt), ckpt
-    from torch.distributed.checkpoint.api import CheckpointException  # torch's DCP: imported only when needed
-
-    from nanomoe.distributed.checkpoint import load_sharded, load_sharded_meta
-    ckpt = load_sharded_meta(path, needs=("tokenizer",))
-    model = model_from_checkpoint(ckpt)
-    try:
-        load_sharded(ckpt["sharded"], model)
-    except (Exception, CheckpointException):  # (a BaseException) a shard missing or cut short: all mean that
-        raise UserError(f"cannot read sharded checkpoint {path}: it is incomplete or damaged (a shard file is "
-                        f"missing or cut short); use another checkpoint of the run, or train it again") from None
-    return model, ckpt
+    ckpt = read_checkpoint(out_dir, needs=("tokenizer",))
+    return model_from_checkpoint(ckpt), ckpt
 
 
 def open_run(out_dir, device):
@@ -362,8 +350,10 @@ def write_report(r, plt, target):
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise UserError(disk_full_message(target)) from None
         raise
 
 

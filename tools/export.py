@@ -22,15 +22,16 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly with 130, no traceback
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from nanomoe.checkpoint import load_checkpoint
+from nanomoe.checkpoint import check_finite_weights
 from nanomoe.cli import run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.hf.formats import ARCHITECTURES, FORMATS, export_checkpoint
+from nanomoe.runs import read_checkpoint
 from nanomoe.settings import Valid, script_keys
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # folder of the training run
-ckpt = "ckpt.pt"  # checkpoint file in out_dir: ckpt.pt (latest) or best.pt (best val loss)
+ckpt = "ckpt.pt"  # in out_dir: ckpt.pt (latest; a sharded run's ckpt.dcp if it saved last), best.pt, ckpt.dcp
 hf_dir: str | None = None  # where to write the Hugging Face folder (None = out_dir/hf)
 format: Valid(str | None, choices=FORMATS) = None  # None = the format the checkpoint's architecture has
 force = False  # replace the files of an earlier export in a non-empty hf_dir
@@ -42,7 +43,8 @@ def main(argv=None):
     cfg = parse_args(KEYS, sys.argv[1:] if argv is None else argv)
     path = os.path.join(cfg["out_dir"], cfg["ckpt"])
     hf_dir = os.path.join(cfg["out_dir"], "hf") if cfg["hf_dir"] is None else cfg["hf_dir"]
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(cfg["out_dir"], cfg["ckpt"])  # a file, or a sharded run's ckpt.dcp read from its shards
+    check_finite_weights(ckpt, path)
     fmt = export_checkpoint(ckpt, hf_dir, cfg["format"], cfg["force"])
     tokenizer = (ckpt.get("tokenizer") or {}).get("tokenizer", "unknown")
     print(f"wrote {hf_dir} as {ARCHITECTURES[fmt]} (token ids of the {tokenizer} tokenizer); load with "

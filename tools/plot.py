@@ -4,7 +4,7 @@ Plot training runs from their out_dir/metrics.jsonl (written by train.py), sever
     python -m tools.plot out-shakespeare-char out-shakespeare-moe      # -> runs.png, runs_experts.png
     python -m tools.plot out-a out-b -o compare.png --x tokens         # -> compare.png, compare_experts.png
 
-An image that already exists is replaced only with --force.
+An image that already exists is replaced only with --force; -o without an extension writes a .png.
 
 Two files come out:
 - runs.png: cross-entropy of every run (thin line: train loss of each logged step; dashed: train loss at
@@ -20,6 +20,7 @@ import os
 
 from nanomoe.cli import ArgumentParser, pyplot, run_cli
 from nanomoe.errors import UserError
+from nanomoe.files import atomic_write, check_writable_folder
 from nanomoe.metrics import read_metrics
 
 
@@ -56,13 +57,34 @@ def expert_loads(records):
 
 
 def save(plt, fig, path):
+    """fig written to path all or nothing (a full disk leaves no truncated image; atomic_write says so)."""
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
-    except (OSError, ValueError) as e:  # a missing folder, an image format matplotlib does not know
-        raise UserError(f"cannot write {path}: {e}") from None
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=110, format=os.path.splitext(path)[1][1:].lower())
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
+
+
+def output_paths(plt, output):
+    """The two image paths for -o: a name without an extension gets .png (and the name printed is the name
+    written); a format matplotlib cannot write, or a folder that cannot take the files, is refused first."""
+    if not output or output.endswith(os.sep) or os.path.isdir(output):
+        raise UserError(f"-o {output!r} is not a file name: name the image, e.g. -o runs.png")
+    stem, ext = os.path.splitext(output)
+    if not ext:
+        stem, ext = output, ".png"
+    formats = plt.gcf().canvas.get_supported_filetypes()
+    plt.close("all")
+    if ext[1:].lower() not in formats:
+        raise UserError(f"-o {output}: matplotlib cannot write '{ext}' images; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    check_writable_folder(os.path.dirname(output) or ".", "the folder of -o", "-o")
+    if not os.path.isdir(os.path.dirname(output) or "."):
+        raise UserError(f"-o {output}: the folder {os.path.dirname(output)} does not exist; create it first")
+    return stem + ext, f"{stem}_experts{ext}"
 
 
 def plot_curves(plt, runs, x, path):
@@ -135,14 +157,13 @@ def main(argv=None):
         loads, source = expert_loads(recs)
         if loads:
             moe_runs.append((label, loads, source))
-    stem, ext = os.path.splitext(args.output)
-    experts_path = f"{stem}_experts{ext or '.png'}"
-    existing = [p for p in [args.output] + ([experts_path] if moe_runs else []) if os.path.exists(p)]
+    output, experts_path = output_paths(plt, args.output)
+    existing = [p for p in [output] + ([experts_path] if moe_runs else []) if os.path.exists(p)]
     if existing and not args.force:
         raise UserError(f"{' and '.join(existing)} already {'exist' if len(existing) > 1 else 'exists'}; choose "
                         f"another -o, or add --force to replace")
-    plot_curves(plt, runs, args.x, args.output)
-    print(f"wrote {args.output}")
+    plot_curves(plt, runs, args.x, output)
+    print(f"wrote {output}")
     if moe_runs:
         plot_experts(plt, moe_runs, args.x, experts_path)
         print(f"wrote {experts_path}")

@@ -206,8 +206,8 @@ def gather_objects(obj, proc):
 
 
 def install_stop_handlers(master):
-    """Ctrl-C, SIGTERM, SIGHUP (a closed terminal or ssh session): finish the current step, save, exit 0; a
-    second signal exits at once. Returns the list the handler appends to (non-empty = stop asked for)."""
+    """Ctrl-C, SIGTERM, SIGHUP (a closed terminal or ssh session): finish the current step (or abandon an
+    evaluation), save, exit 0; a second signal exits at once. Returns the list the handler appends to (non-empty = stop asked for)."""
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -215,8 +215,8 @@ def install_stop_handlers(master):
             os._exit(130)
         stop_requested.append(signum)
         if master:
-            print(f"\n{signal.Signals(signum).name} received: stopping after this step (again to quit now)",
-                  flush=True)
+            print(f"\n{signal.Signals(signum).name} received: stopping after this step, or now during an evaluation "
+                  f"(again to quit at once)", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, on_signal)

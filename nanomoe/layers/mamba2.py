@@ -14,7 +14,7 @@ A < 0 and D are learned per head. Around that recurrence, the layer is
     in_proj   n_embd -> [z | x B C | dt]
     conv1d    a short causal depthwise convolution over x, B, C (a channel sees its last conv_kernel inputs), SiLU
     SSM       the recurrence above; the heads share B and C within each of n_groups groups
-    gate      y = RMSNorm(y * SiLU(z))
+    gate      y = RMSNorm(y * SiLU(z)), each group's d_inner / n_groups channels normalised on their own
     c_proj    d_inner -> n_embd, where d_inner = num_heads * head_dim = n_embd * expand
 
 Training computes the recurrence chunkwise (the paper's "SSD" algorithm, ssd_chunked): inside a chunk of
@@ -105,11 +105,16 @@ class Mamba2(nn.Module):
             if cache is not None:
                 cache.put(self.layer_idx, "ssm", state_BHPN)
             y_BTHP = y_BTHP + self.D.to(ssm)[:, None] * x_BTHP
-            # gated RMSNorm: the gate SiLU(z) before the norm, as Mamba2 does. Its weight in the scan's dtype too:
-            # FSDP's bf16 MixedPrecisionPolicy hands it over in bf16, and a weight of another dtype than the
-            # input leaves rms_norm's fused kernel for a slow path that warns on every call
-            y = F.rms_norm(y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm)), (self.d_inner,),
-                           self.norm.weight.to(ssm), self.norm.eps)
+            # gated RMSNorm: the gate SiLU(z) before the norm, and each group of heads (the n_groups that share
+            # a B and C) normalised on its own, as Mamba2 does (its RMSNormGated with group_size = d_inner / G).
+            # The weight in the scan's dtype too: FSDP's bf16 MixedPrecisionPolicy hands it over in bf16.
+            gated = y_BTHP.reshape(Bsz, T, self.d_inner) * F.silu(z.to(ssm))
+            weight = self.norm.weight.to(ssm)
+            if G == 1:  # one group: rms_norm's fused weight (a weight of another dtype would leave that kernel)
+                y = F.rms_norm(gated, (self.d_inner,), weight, self.norm.eps)
+            else:
+                y = F.rms_norm(gated.view(Bsz, T, G, -1), (self.d_inner // G,), eps=self.norm.eps) \
+                    .view(Bsz, T, self.d_inner) * weight
         return self.dropout(self.c_proj(y.type_as(u)))
 
     def causal_conv(self, xBC, cache):
