@@ -205,7 +205,10 @@ def test_hybrid_with_global_balance_two_ranks_equal_one_process_on_both_batches(
                            "--balance_scope=global", "--balance_loss_weight=1.0"])
     assert_ok(r)
     assert "transformer.h.0.mamba.A_log" in load_checkpoint(out / "ckpt.pt")["model"]
-    assert_same_as_one_process(out)
+    # the two ranks' batches go through the Mamba2 scan apart, one process's together: float32 sums in another
+    # order leave an Adam moment of ~1e-6 off by 1.2e-9 (measured, 1 entry of 1,632); a lost micro-batch would
+    # move the moments by ~1e-4 and the parameters by ~lr
+    assert_same_as_one_process(out, moment_atol=1e-8)
 
 
 def _aux_free_rank(rank, world_size, init_file, results):
