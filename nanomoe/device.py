@@ -125,13 +125,13 @@ def gpu_peak_flops(device, configured=None):
     return None
 
 
-def cpu_matmul_flops():
-    """FLOP/s of a float32 1024x1024 matmul on this CPU (best of 3, about 0.1 s). The matrix is not random:
-    drawing it would move the global RNG, and a resumed run must continue it exactly."""
-    a = torch.full((1024, 1024), 0.5)
+def cpu_matmul_flops(n=1024):
+    """FLOP/s of a float32 n x n matmul on this CPU (best of 3; about 0.1 s at n=1024 on one core). The matrix
+    is not random: drawing it would move the global RNG, and a resumed run must continue it exactly."""
+    a = torch.full((n, n), 0.5)
     best = math.inf
     for _ in range(3):
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best
+    return 2 * n ** 3 / best

@@ -21,6 +21,8 @@ Where it does not run, grouped_linear falls back to masked dense matmuls with th
 import torch
 import torch.nn.functional as F
 
+from nanomoe.layers.moe_stages import stage
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,23 +52,27 @@ def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK):
     T, K = expert_TK.shape
     E = experts.c_fc.size(0)
     expert_A = expert_TK.flatten()  # (A,) with A = T*K assignments, token-major
-    order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
-    token_A = order_A // K  # which token each sorted assignment belongs to
-    counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
-        0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
-    offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
-    expert_sorted_A = expert_A[order_A]
-    x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
-    h_AF = grouped_linear(x_AD, experts.c_fc, offsets_E, expert_sorted_A)
-    if experts.c_fc_bias is not None:
-        h_AF = h_AF + experts.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
-    out_AD = grouped_linear(experts.activation(h_AF), experts.c_proj, offsets_E, expert_sorted_A)
-    if experts.c_proj_bias is not None:
-        out_AD = out_AD + experts.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
-    w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
-    y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
-    return y_TD.to(x_TD.dtype)
+    with stage("count"):
+        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
+    with stage("permute"):
+        order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
+        token_A = order_A // K  # which token each sorted assignment belongs to
+        expert_sorted_A = expert_A[order_A]
+        x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
+    with stage("experts"):
+        h_AF = grouped_linear(x_AD, experts.c_fc, offsets_E, expert_sorted_A)
+        if experts.c_fc_bias is not None:
+            h_AF = h_AF + experts.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
+        out_AD = grouped_linear(experts.activation(h_AF), experts.c_proj, offsets_E, expert_sorted_A)
+        if experts.c_proj_bias is not None:
+            out_AD = out_AD + experts.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
+    with stage("combine"):
+        w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
+        return y_TD.to(x_TD.dtype)
 
 
 def grouped_linear(x_AI, w_EOI, offsets_E, expert_A):
