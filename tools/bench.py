@@ -193,20 +193,21 @@ def profile_moe(step, proc, steps):
 
     forward = dict.fromkeys(STAGES, 0.0)
     backward = dict.fromkeys(STAGES, 0.0)
-    stage_of = {}  # (thread, sequence number) of a forward op -> its stage
+    ops = []  # (start, thread, sequence number, stage) of every op inside a stage
     for e in events:
         name = e.name[len(PREFIX):] if e.name.startswith(PREFIX) else None
         if name not in STAGES:
             continue
         forward[name] += spent(e)
         todo = list(e.cpu_children)
-        while todo:  # the stage's ops, down to the leaves; a nested stage claims its own
+        while todo:
             child = todo.pop()
-            if child.name.startswith(PREFIX):
-                continue
             if child.sequence_nr >= 0:
-                stage_of.setdefault((child.thread, child.sequence_nr), name)
+                ops.append((child.time_range.start, child.thread, child.sequence_nr, name))
             todo.extend(child.cpu_children)
+    # an op that creates no autograd node reports the number the next node will take, so a number belongs to
+    # the last op (in time) that reports it: the one that created the node
+    stage_of = {(thread, seq): name for _, thread, seq, name in sorted(ops)}
     for e in events:  # a backward node carries the sequence number and thread of the forward op it undoes
         if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr >= 0:
             name = stage_of.get((e.fwd_thread, e.sequence_nr))
