@@ -60,16 +60,17 @@ def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK):
         order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
         token_A = order_A // K  # which token each sorted assignment belongs to
         expert_sorted_A = expert_A[order_A]
-        x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
+        # gathers with index_select, whose backward is an index_add_ (x_TD[token_A]'s is a slower index_put_)
+        x_AD = x_TD.index_select(0, token_A).to(compute_dtype(x_TD))  # autocast: bf16 here, grouped GEMMs take none
     with stage("experts"):
         h_AF = grouped_linear(x_AD, experts.c_fc, offsets_E, expert_sorted_A)
         if experts.c_fc_bias is not None:
-            h_AF = h_AF + experts.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
+            h_AF = h_AF + experts.c_fc_bias.index_select(0, expert_sorted_A).to(h_AF.dtype)
         out_AD = grouped_linear(experts.activation(h_AF), experts.c_proj, offsets_E, expert_sorted_A)
         if experts.c_proj_bias is not None:
-            out_AD = out_AD + experts.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
+            out_AD = out_AD + experts.c_proj_bias.index_select(0, expert_sorted_A).to(out_AD.dtype)
     with stage("combine"):
-        w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
+        w_A = (weight_TK * keep_TK).flatten().index_select(0, order_A)  # routing weights in float32
         y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
         return y_TD.to(x_TD.dtype)
