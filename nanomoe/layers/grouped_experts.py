@@ -57,9 +57,9 @@ def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK):
             0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
     with stage("permute"):
-        order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
+        # assignments grouped by expert: one sort gives both the order and the sorted experts (no gather)
+        expert_sorted_A, order_A = expert_A.sort(stable=True)
         token_A = order_A // K  # which token each sorted assignment belongs to
-        expert_sorted_A = expert_A[order_A]
         # gathers with index_select, whose backward is an index_add_ (x_TD[token_A]'s is a slower index_put_)
         x_AD = x_TD.index_select(0, token_A).to(compute_dtype(x_TD))  # autocast: bf16 here, grouped GEMMs take none
     with stage("experts"):
