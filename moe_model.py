@@ -195,8 +195,9 @@ class MoE(nn.Module):
             scores_TE = probs_TE = logits_TE.softmax(dim=-1)
         # aux-free balancing: the bias decides which experts are chosen, never how much their outputs weigh
         choice_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
-        expert_TK = choice_TE.topk(self.config.moe_top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(-1, expert_TK)
+        top_TK, expert_TK = choice_TE.topk(self.config.moe_top_k, dim=-1)
+        # without a bias the chosen scores are the weights; with one, the unbiased scores are gathered
+        weight_TK = top_TK if self.expert_bias is None else scores_TE.gather(-1, expert_TK)
         if self.config.renormalises():
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         return logits_TE, probs_TE, expert_TK, weight_TK
