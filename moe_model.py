@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
 from nanomoe.errors import UserError
-from nanomoe.layers.grouped_experts import compute_dtype, grouped_experts, grouped_kernel_available
+from nanomoe.layers.grouped_experts import compute_dtype, expert_counts, grouped_experts, grouped_kernel_available
 from nanomoe.layers.moe_stages import stage
 from nanomoe.settings import setting
 
@@ -150,6 +150,7 @@ class MoE(nn.Module):
         with stage("router"):
             logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
         with stage("count"):
+            counts_E = expert_counts(expert_TK, self.config.n_experts)  # on the device: the load, and grouped's offsets
             if self.config.capacity_factor > 0:
                 keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
             else:
@@ -159,7 +160,7 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:  # tokens travel to their experts' processes and back
             y_TD = self.expert_parallel(self, x_TD, expert_TK, weight_TK, keep_TK)
         elif self.use_grouped(x_TD):
-            y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK)
+            y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK, counts_E)
         else:
             y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)
 
@@ -172,7 +173,7 @@ class MoE(nn.Module):
         # the gradient). With balance_scope='global' the loss takes f of the whole step, the log this batch's
         with stage("stats"):
             E = self.config.n_experts
-            f_E = F.one_hot(expert_TK.flatten(), E).sum(0).float() / expert_TK.numel()  # static shape, unlike bincount
+            f_E = counts_E.float() / expert_TK.numel()
             P_E = probs_TE.mean(dim=0)
             balance = E * (f_E * P_E).sum()
             if self.training and self.global_load is not None:

@@ -45,16 +45,25 @@ def grouped_kernel_available(device_type, dtype, in_features=()):
     return dtype in KERNEL_DTYPES
 
 
-def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK):
+def expert_counts(expert_TK, n_experts):
+    """How many of the assignments expert_TK go to each expert: (E,) int32, on the device, with a static shape
+    (bincount's depends on the data)."""
+    expert_A = expert_TK.flatten()
+    return torch.zeros(n_experts, dtype=torch.int32, device=expert_A.device).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
+
+
+def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK, counts_E=None):
     """Experts.forward_loop's result with static shapes: sort the T*K assignments by expert, gather their
     tokens once, run all experts with one grouped matmul per projection, scatter back. Dropped assignments
-    are computed too (a fixed shape beats a data-dependent one) and then weighted by 0."""
+    are computed too (a fixed shape beats a data-dependent one) and then weighted by 0. counts_E: the
+    assignments per expert (expert_counts), if the caller has them."""
     T, K = expert_TK.shape
     E = experts.c_fc.size(0)
     expert_A = expert_TK.flatten()  # (A,) with A = T*K assignments, token-major
     with stage("count"):
-        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
-            0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
+        if counts_E is None:
+            counts_E = expert_counts(expert_TK, E)
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
     with stage("permute"):
         # assignments grouped by expert: one sort gives both the order and the sorted experts (no gather)
