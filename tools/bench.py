@@ -291,7 +291,7 @@ def main(argv=None):
                   f"{torch.get_num_threads()} thread(s) (MFU below is against it)", flush=True)
         seconds = estimate_cpu_seconds(variants, points or [cfg], peak)
         if seconds > GPU_SIZED_SECONDS:
-            print(f"note: these shapes are sized for a GPU: on this CPU the bench would take about "
+            print(f"note: this config is sized for a GPU: on this CPU the bench would take about "
                   f"{seconds / 3600:.1f} hours (estimated from its matmul speed). For a run of a minute try "
                   f"config/bench_cpu.py", flush=True)
     else:
