@@ -200,8 +200,10 @@ def profile_moe(step, proc, steps):
             continue
         forward[name] += spent(e)
         todo = list(e.cpu_children)
-        while todo:
+        while todo:  # the stage's ops, down to the leaves (stages do not nest: a range inside is its own)
             child = todo.pop()
+            if child.name.startswith(PREFIX):
+                continue
             if child.sequence_nr >= 0:
                 ops.append((child.time_range.start, child.thread, child.sequence_nr, name))
             todo.extend(child.cpu_children)
