@@ -120,6 +120,37 @@ def test_bench_rejects_bad_values_of_its_keys(tmp_path, flags, words):
     assert_user_error(r, *words)
 
 
+@pytest.mark.slow  # two subprocesses, each training a 36M-parameter MoE for five steps (about 10 s)
+def test_a_cpu_training_step_reuses_freed_memory_instead_of_faulting_it_in_again(tmp_path):
+    """setup_processes on a CPU calls keep_freed_memory: once warm, a training step of an MoE (whose gradients
+    cover all 8 experts) finds its memory where the last step freed it, instead of having the kernel fault in
+    and zero-fill tens of thousands of fresh pages every step."""
+    import conftest
+    code = ("import resource, sys, torch\n"
+            "from moe_model import MoEConfig, MoEGPT\n"
+            "from nanomoe.device import keep_freed_memory\n"
+            "if sys.argv[1] == 'keep':\n    keep_freed_memory()\n"
+            "torch.manual_seed(0)\n"
+            "model = MoEGPT(MoEConfig(n_embd=512, n_head=8, n_layer=2, n_experts=8, moe_top_k=1, block_size=128,\n"
+            "                         vocab_size=512, moe_impl='grouped'))\n"
+            "opt = torch.optim.AdamW(model.parameters(), fused=True)\n"
+            "x = torch.randint(0, 512, (8, 128))\n"
+            "faults = []\n"
+            "for _ in range(5):\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    _, loss, extra = model(x, x)\n"
+            "    (loss + extra['aux_loss']).backward()\n"
+            "    opt.step()\n"
+            "    opt.zero_grad(set_to_none=True)\n"
+            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "print(sum(faults[2:]))\n")  # the steps after two warm-up steps
+    script = tmp_path / "faults.py"
+    script.write_text(code)
+    faults = {mode: int(run([str(script), mode], cwd=tmp_path, env={"PYTHONPATH": str(conftest.REPO)}).stdout)
+              for mode in ("default", "keep")}
+    assert faults["keep"] * 10 < faults["default"], faults
+
+
 @pytest.mark.slow  # a subprocess: torch's import and the CPU's matmul peak take a few seconds
 def test_bench_on_a_cpu_says_at_once_when_the_config_is_sized_for_a_gpu(tmp_path):
     """The GPU bench command run on a CPU says so before it starts timing (it is stopped once it has)."""
