@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from model import GPT, MLP, GPTConfig, mlp_activation, mlp_hidden_size
 from nanomoe.errors import UserError
-from nanomoe.layers.grouped_experts import compute_dtype, grouped_experts, grouped_kernel_available
+from nanomoe.layers.grouped_experts import compute_dtype, expert_counts, grouped_experts, grouped_kernel_available
+from nanomoe.layers.moe_stages import stage
 from nanomoe.settings import setting
 
 
@@ -146,41 +147,46 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)  # every token on its own: routing does not look at the sequence
 
+        # each stage runs in a profiler range (nanomoe/layers/moe_stages.py): tools.bench --bench_profile=True
         # route: each token picks its top-k experts; capacity may drop some of those assignments
-        logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
-        if self.config.capacity_factor > 0:
-            keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
-        else:
-            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+        with stage("router"):
+            logits_TE, probs_TE, expert_TK, weight_TK = self.route(x_TD)
+        with stage("count"):
+            counts_E = expert_counts(expert_TK, self.config.n_experts)  # on the device: the load, and grouped's offsets
+            if self.config.capacity_factor > 0:
+                keep_TK = self.capacity_mask(expert_TK)  # a dropped assignment contributes nothing
+            else:
+                keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
 
         # experts: the routing-weighted sum of each token's chosen experts
         if self.expert_parallel is not None:  # tokens travel to their experts' processes and back
             y_TD = self.expert_parallel(self, x_TD, expert_TK, weight_TK, keep_TK)
         elif self.use_grouped(x_TD):
-            y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK)
+            y_TD = grouped_experts(self.experts, x_TD, expert_TK, weight_TK, keep_TK, counts_E)
         else:
             y_TD = self.experts.forward_loop(x_TD, expert_TK, weight_TK, keep_TK)
 
         # combine: shared experts see every token
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            with stage("experts"):
+                y_TD = y_TD + self.shared(x_TD)
 
         # stats. Balance loss: f from the (non-differentiable) choices, P from the score distribution (carries
         # the gradient). With balance_scope='global' the loss takes f of the whole step, the log this batch's
-        E = self.config.n_experts
-        counts_E = F.one_hot(expert_TK.flatten(), E).sum(0)  # static shape, unlike bincount
-        f_E = counts_E.float() / expert_TK.numel()
-        if self.training and self.expert_bias is not None:  # aux-free: the step's exact counts (MoEGPT.end_step)
-            self.step_counts = counts_E if self.step_counts is None else self.step_counts + counts_E
-        P_E = probs_TE.mean(dim=0)
-        balance = E * (f_E * P_E).sum()
-        if self.training and self.global_load is not None:
-            balance_loss = E * (self.global_load * P_E).sum()
-        else:
-            balance_loss = balance
-        self.stats = {"balance": balance, "balance_loss": balance_loss,
-                      "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
-                      "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
+        with stage("stats"):
+            E = self.config.n_experts
+            f_E = counts_E.float() / expert_TK.numel()
+            if self.training and self.expert_bias is not None:  # aux-free: the step's exact counts (MoEGPT.end_step)
+                self.step_counts = counts_E if self.step_counts is None else self.step_counts + counts_E
+            P_E = probs_TE.mean(dim=0)
+            balance = E * (f_E * P_E).sum()
+            if self.training and self.global_load is not None:
+                balance_loss = E * (self.global_load * P_E).sum()
+            else:
+                balance_loss = balance
+            self.stats = {"balance": balance, "balance_loss": balance_loss,
+                          "z": torch.logsumexp(logits_TE, dim=-1).square().mean(),
+                          "expert_load": f_E, "dropped": 1.0 - keep_TK.float().mean()}
         return self.dropout(y_TD.view(B, T, D))
 
     def route(self, x_TD):
@@ -194,8 +200,9 @@ class MoE(nn.Module):
             scores_TE = probs_TE = logits_TE.softmax(dim=-1)
         # aux-free balancing: the bias decides which experts are chosen, never how much their outputs weigh
         choice_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias
-        expert_TK = choice_TE.topk(self.config.moe_top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(-1, expert_TK)
+        top_TK, expert_TK = choice_TE.topk(self.config.moe_top_k, dim=-1)
+        # without a bias the chosen scores are the weights; with one, the unbiased scores are gathered
+        weight_TK = top_TK if self.expert_bias is None else scores_TE.gather(-1, expert_TK)
         if self.config.renormalises():
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         return logits_TE, probs_TE, expert_TK, weight_TK
@@ -265,10 +272,14 @@ class Experts(nn.Module):
         """Reference: one expert at a time. keep_TK is False for assignments dropped by capacity."""
         y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         for e in range(self.c_fc.size(0)):
-            token_idx, slot = torch.where((expert_TK == e) & keep_TK)
-            # an expert with no tokens still runs (on zero rows), so all its parameters get a gradient
-            out = self.expert_mlp(e, x_TD[token_idx])  # (n_e, D)
-            y_TD.index_add_(0, token_idx, out.float() * weight_TK[token_idx, slot].unsqueeze(1))
+            with stage("permute"):
+                token_idx, slot = torch.where((expert_TK == e) & keep_TK)
+                x_nD = x_TD[token_idx]
+            with stage("experts"):
+                # an expert with no tokens still runs (on zero rows), so all its parameters get a gradient
+                out_nD = self.expert_mlp(e, x_nD)
+            with stage("combine"):
+                y_TD.index_add_(0, token_idx, out_nD.float() * weight_TK[token_idx, slot].unsqueeze(1))
         return y_TD.to(x_TD.dtype)
 
     def expert_mlp(self, e, x):

@@ -1,8 +1,10 @@
 """
 Where and in what precision a script runs: the device ('auto' = cuda > mps > cpu), the dtype ('auto' = bf16 on
 GPUs that have it), TF32 for float32 matmuls on CUDA, the autocast context, whether torch.compile is used,
-waiting for the device before reading a clock, and the peak FLOP/s MFU is measured against.
+waiting for the device before reading a clock, the peak FLOP/s MFU is measured against, and, on a CPU, keeping
+freed memory in the process.
 """
+import ctypes
 import math
 import os
 import re
@@ -125,13 +127,30 @@ def gpu_peak_flops(device, configured=None):
     return None
 
 
-def cpu_matmul_flops():
-    """FLOP/s of a float32 1024x1024 matmul on this CPU (best of 3, about 0.1 s). The matrix is not random:
-    drawing it would move the global RNG, and a resumed run must continue it exactly."""
-    a = torch.full((1024, 1024), 0.5)
+def cpu_matmul_flops(n=1024):
+    """FLOP/s of a float32 n x n matmul on this CPU (best of 3; about 0.1 s at n=1024 on one core). The matrix
+    is not random: drawing it would move the global RNG, and a resumed run must continue it exactly."""
+    a = torch.full((n, n), 0.5)
     best = math.inf
     for _ in range(3):
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best
+    return 2 * n ** 3 / best
+
+
+def keep_freed_memory():
+    """On Linux with glibc: keep the memory that freed tensors leave inside the process, for the next step.
+    By default glibc maps every large allocation (activations, gradients: megabytes each) fresh from the
+    system and returns it when it is freed, so each training step on a CPU faults its pages in again and the
+    kernel zero-fills them. An MoE, whose gradients cover every expert, pays that on several times the dense
+    model's bytes: docs/clock.md measures the step with and without. No-op where glibc's mallopt is absent."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # large blocks come from the heap too, where a freed block is reused ...
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ... and the heap is not handed back to the system

@@ -51,7 +51,120 @@ def test_bench_prints_every_variant_and_the_ratios(tmp_path):
     # top-1 of 4 experts: the MoE has more parameters, the same active count as the dense model
     assert float(rows["moe-loop"][3]) > float(rows["dense"][3])
     assert rows["moe-loop"][4] == rows["dense"][4] == rows["moe-grouped"][4]
-    assert re.search(r"^ratio: moe-loop/dense [\d.]+x, moe-grouped/dense [\d.]+x$", r.stdout, re.M)
+    for part in ("", " fwd+bwd", " optimizer"):  # the whole step, and its two parts timed apart
+        assert re.search(rf"^ratio{re.escape(part)}: moe-loop/dense [\d.]+x, moe-grouped/dense [\d.]+x$", r.stdout, re.M), part
+    # each part of each line is a positive time, and they add up to about the step (medians of each)
+    for label, step, fwd_bwd, opt in re.findall(r"^(\S+)\s+([\d.]+) ms/step .* fwd\+bwd ([\d.]+) ms  optimizer "
+                                                r"([\d.]+) ms", r.stdout, re.M):
+        assert float(fwd_bwd) > 0 and float(opt) > 0 and float(fwd_bwd) + float(opt) < 1.5 * float(step), label
+    # MFU on a CPU is against its own matmul speed, measured at the start and printed with the thread count
+    assert re.search(r"^cpu peak: [\d.]+ GFLOP/s, a 2048x2048 float32 matmul on 1 thread\(s\)", r.stdout, re.M)
+    assert ", 1 thread(s);" in r.stdout and re.search(r"^dense .* mfu +[\d.]+%", r.stdout, re.M)
+
+
+def test_bench_equal_active_gives_each_token_the_dense_mlp_compute():
+    """expert_hidden = F / (top_k + shared): the routed and shared experts a token goes through hold as many
+    hidden units as the dense MLP (F = 4 * 32 here); rounded to a multiple of 8 where it does not divide."""
+    from nanomoe.configurator import parse_args
+    for k, shared, hidden in ((1, 0, 128), (2, 0, 64), (2, 2, 32), (4, 0, 32), (3, 0, 40)):
+        cfg = SimpleNamespace(**parse_args(bench.KEYS, [*TINY, f"--moe_top_k={k}", f"--n_shared_experts={shared}",
+                                                        "--bench_equal_active=True"]))
+        sized = bench.equal_active(cfg)
+        assert sized.expert_hidden == hidden, (k, shared)
+        model = bench.build("grouped", sized)
+        layer = model.moe_layers()[0]
+        active_hidden = k * layer.experts.c_fc.size(1) + (layer.shared.c_fc.out_features if shared else 0)
+        assert abs(active_hidden - 128) <= 8 * (k + shared), (k, shared)
+    default = SimpleNamespace(**parse_args(bench.KEYS, [*TINY, "--moe_top_k=2"]))
+    assert bench.equal_active(default).expert_hidden is None  # off by default: the experts keep the dense size
+
+
+def test_bench_profile_prints_where_the_moe_layers_time_goes(tmp_path):
+    r = run_script(["tools.bench", *TINY, "--moe_top_k=2", "--bench_profile=True", "--bench_checkpoint=False",
+                    "--peak_flops=1e9"], cwd=tmp_path)
+    assert_ok(r)
+    for variant in ("moe-loop", "moe-grouped"):
+        table = r.stdout.split(f"profile {variant}:")[1].split("\nratio")[0].split("\nmoe-")[0]
+        rows = {m[0].strip(): [float(v) for v in m[1:]] for m in
+                re.findall(r"^  (.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+%$", table, re.M)}
+        assert set(rows) == {"router + top-k", "counting (per-expert counts, capacity)", "permute (sort + gather)",
+                             "expert GEMMs (+ activation, shared)", "combine (weight + scatter)",
+                             "balance statistics"}, table
+        # the expert GEMMs run forward and backward; every row's total is its forward plus its backward
+        assert rows["expert GEMMs (+ activation, shared)"][0] > 0 and rows["expert GEMMs (+ activation, shared)"][1] > 0
+        assert all(abs(f + b - t) < 0.02 for f, b, t in rows.values()), table
+        assert re.search(r"^  MoE layers, all stages .* step with the profiler on: \d+%\)$", table, re.M)
+    assert "profile dense" not in r.stdout
+
+
+def test_bench_sweep_prints_one_line_per_point(tmp_path):
+    r = run_script(["tools.bench", *TINY, "--bench_variants=dense,grouped", "--bench_equal_active=True",
+                    "--bench_sweep=n_embd=32,64", "--peak_flops=1e9"], cwd=tmp_path)
+    assert_ok(r)
+    lines = re.findall(r"^sweep n_embd=(\d+) \(32 tok/step\): dense [\d.]+ ms \(fwd\+bwd [\d.]+, opt [\d.]+\), "
+                       r"moe-grouped [\d.]+ ms \(fwd\+bwd [\d.]+, opt [\d.]+\); moe-grouped/dense step [\d.]+x "
+                       r"fwd\+bwd [\d.]+x opt [\d.]+x$", r.stdout, re.M)
+    assert lines == ["32", "64"], r.stdout
+    assert "ms/step" not in r.stdout  # the sweep's lines replace the per-variant ones
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--bench_sweep=n_embd"], ["bench_sweep", "KEY=V1,V2"]),
+    (["--bench_sweep=n_embed=32,64"], ["n_embed", "not a model or train.py key"]),
+    (["--bench_sweep=bench_steps=1,2"], ["bench_steps", "not a model or train.py key"]),
+    (["--bench_sweep=n_embd=32,many"], ["n_embd", "many"]),
+    (["--bench_sweep=n_embd=32,64", "--bench_profile=True"], ["bench_profile", "bench_sweep"]),
+    (["--bench_equal_active=True", "--expert_hidden=64"], ["bench_equal_active", "expert_hidden=64"]),
+    (["--bench_profile=maybe"], ["bench_profile", "maybe"]),
+])
+def test_bench_rejects_bad_values_of_its_keys(tmp_path, flags, words):
+    r = run_script(["tools.bench", *TINY, *flags, "--peak_flops=1e9"], cwd=tmp_path)
+    assert_user_error(r, *words)
+
+
+@pytest.mark.slow  # two subprocesses, each training a 36M-parameter MoE for five steps (about 10 s)
+def test_a_cpu_training_step_reuses_freed_memory_instead_of_faulting_it_in_again(tmp_path):
+    """setup_processes on a CPU calls keep_freed_memory: once warm, a training step of an MoE (whose gradients
+    cover all 8 experts) finds its memory where the last step freed it, instead of having the kernel fault in
+    and zero-fill tens of thousands of fresh pages every step."""
+    import conftest
+    code = ("import resource, sys, torch\n"
+            "from moe_model import MoEConfig, MoEGPT\n"
+            "from nanomoe.device import keep_freed_memory\n"
+            "if sys.argv[1] == 'keep':\n    keep_freed_memory()\n"
+            "torch.manual_seed(0)\n"
+            "model = MoEGPT(MoEConfig(n_embd=512, n_head=8, n_layer=2, n_experts=8, moe_top_k=1, block_size=128,\n"
+            "                         vocab_size=512, moe_impl='grouped'))\n"
+            "opt = torch.optim.AdamW(model.parameters(), fused=True)\n"
+            "x = torch.randint(0, 512, (8, 128))\n"
+            "faults = []\n"
+            "for _ in range(5):\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    _, loss, extra = model(x, x)\n"
+            "    (loss + extra['aux_loss']).backward()\n"
+            "    opt.step()\n"
+            "    opt.zero_grad(set_to_none=True)\n"
+            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "print(sum(faults[2:]))\n")  # the steps after two warm-up steps
+    script = tmp_path / "faults.py"
+    script.write_text(code)
+    faults = {mode: int(run([str(script), mode], cwd=tmp_path, env={"PYTHONPATH": str(conftest.REPO)}).stdout)
+              for mode in ("default", "keep")}
+    assert faults["keep"] * 10 < faults["default"], faults
+
+
+@pytest.mark.slow  # a subprocess: torch's import and the CPU's matmul peak take a few seconds
+def test_bench_on_a_cpu_says_at_once_when_the_config_is_sized_for_a_gpu(tmp_path):
+    """The GPU bench command run on a CPU says so before it starts timing (it is stopped once it has)."""
+    import conftest
+    p = conftest.start(["tools.bench", str(conftest.REPO / "config" / "train_gpt2_moe.py"), "--device=cpu",
+                        "--compile=False", "--dtype=float32"], cwd=tmp_path)
+    try:
+        note = conftest.read_lines_until(p, "note: this config is sized for a GPU")[-1]
+    finally:
+        p.kill()
+        p.communicate()
+    assert "hours" in note and "config/bench_cpu.py" in note
 
 
 def test_bench_rejects_an_unknown_variant(tmp_path):

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanomoe.device import compile_supported, pick_device, pick_dtype
+from nanomoe.device import compile_supported, keep_freed_memory, pick_device, pick_dtype
 from nanomoe.errors import UserError
 
 BACKENDS = ("auto", "nccl", "gloo")  # 'auto' = nccl on CUDA, gloo otherwise
@@ -46,6 +46,8 @@ def setup_processes(cfg):
     # both flags take effect only under torchrun: one process holds everything anyway
     # sharding: () for none, else the modes, ("fsdp",), ("ep",) or ("fsdp", "ep")
     sharding = tuple(m for m, on in (("fsdp", cfg.fsdp), ("ep", cfg.ep_size > 1)) if on) if ddp else ()
+    if device == "cpu":
+        keep_freed_memory()  # each step reuses the last step's memory instead of faulting it in afresh
     use_compile = cfg.compile and compile_supported(device) and not sharding
     if cfg.compile and not use_compile and rank == 0:
         why = f"on device '{device}' (it is used on CUDA)" if not compile_supported(device) else \

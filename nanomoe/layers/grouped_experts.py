@@ -21,6 +21,8 @@ Where it does not run, grouped_linear falls back to masked dense matmuls with th
 import torch
 import torch.nn.functional as F
 
+from nanomoe.layers.moe_stages import stage
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -43,30 +45,44 @@ def grouped_kernel_available(device_type, dtype, in_features=()):
     return dtype in KERNEL_DTYPES
 
 
-def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK):
+def expert_counts(expert_TK, n_experts):
+    """How many of the assignments expert_TK go to each expert: (E,) int32, on the device, with a static shape
+    (bincount's depends on the data)."""
+    expert_A = expert_TK.flatten()
+    return torch.zeros(n_experts, dtype=torch.int32, device=expert_A.device).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
+
+
+def grouped_experts(experts, x_TD, expert_TK, weight_TK, keep_TK, counts_E=None):
     """Experts.forward_loop's result with static shapes: sort the T*K assignments by expert, gather their
     tokens once, run all experts with one grouped matmul per projection, scatter back. Dropped assignments
-    are computed too (a fixed shape beats a data-dependent one) and then weighted by 0."""
+    are computed too (a fixed shape beats a data-dependent one) and then weighted by 0. counts_E: the
+    assignments per expert (expert_counts), if the caller has them."""
     T, K = expert_TK.shape
     E = experts.c_fc.size(0)
     expert_A = expert_TK.flatten()  # (A,) with A = T*K assignments, token-major
-    order_A = expert_A.argsort(stable=True)  # assignments grouped by expert
-    token_A = order_A // K  # which token each sorted assignment belongs to
-    counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).scatter_add_(
-        0, expert_A, torch.ones_like(expert_A, dtype=torch.int32))
-    offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
-    expert_sorted_A = expert_A[order_A]
-    x_AD = x_TD[token_A].to(compute_dtype(x_TD))  # under autocast: bf16 here, as grouped GEMMs take no autocast
-    h_AF = grouped_linear(x_AD, experts.c_fc, offsets_E, expert_sorted_A)
-    if experts.c_fc_bias is not None:
-        h_AF = h_AF + experts.c_fc_bias[expert_sorted_A].to(h_AF.dtype)
-    out_AD = grouped_linear(experts.activation(h_AF), experts.c_proj, offsets_E, expert_sorted_A)
-    if experts.c_proj_bias is not None:
-        out_AD = out_AD + experts.c_proj_bias[expert_sorted_A].to(out_AD.dtype)
-    w_A = (weight_TK * keep_TK).flatten()[order_A]  # routing weights in float32
-    y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
-    return y_TD.to(x_TD.dtype)
+    with stage("count"):
+        if counts_E is None:
+            counts_E = expert_counts(expert_TK, E)
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end of each expert's rows in the sorted order
+    with stage("permute"):
+        # assignments grouped by expert: one sort gives both the order and the sorted experts (no gather)
+        expert_sorted_A, order_A = expert_A.sort(stable=True)
+        token_A = order_A // K  # which token each sorted assignment belongs to
+        # gathers with index_select, whose backward is an index_add_ (x_TD[token_A]'s is a slower index_put_)
+        x_AD = x_TD.index_select(0, token_A).to(compute_dtype(x_TD))  # autocast: bf16 here, grouped GEMMs take none
+    with stage("experts"):
+        h_AF = grouped_linear(x_AD, experts.c_fc, offsets_E, expert_sorted_A)
+        if experts.c_fc_bias is not None:
+            h_AF = h_AF + experts.c_fc_bias.index_select(0, expert_sorted_A).to(h_AF.dtype)
+        out_AD = grouped_linear(experts.activation(h_AF), experts.c_proj, offsets_E, expert_sorted_A)
+        if experts.c_proj_bias is not None:
+            out_AD = out_AD + experts.c_proj_bias.index_select(0, expert_sorted_A).to(out_AD.dtype)
+    with stage("combine"):
+        w_A = (weight_TK * keep_TK).flatten().index_select(0, order_A)  # routing weights in float32
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        y_TD.index_add_(0, token_A, out_AD.float() * w_A.unsqueeze(1))
+        return y_TD.to(x_TD.dtype)
 
 
 def grouped_linear(x_AI, w_EOI, offsets_E, expert_A):
