@@ -22,6 +22,7 @@ from nanomoe.cli import Progress, run_cli
 from nanomoe.configurator import parse_args
 from nanomoe.device import DTYPES, autocast_context, pick_device, pick_dtype, synchronize
 from nanomoe.errors import UserError
+from nanomoe.files import read_utf8
 from nanomoe.runs import read_checkpoint
 from nanomoe.settings import MAX_SEED, Valid, script_keys
 from nanomoe.tokenizer import Tokenizer
@@ -60,12 +61,7 @@ def main():
         path = start[5:]
         if not os.path.isfile(path):
             raise UserError(f"prompt file '{path}' not found (--start=FILE:path reads the prompt from a file)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                start = f.read()
-        except UnicodeDecodeError as e:
-            raise UserError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
-                            f"save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        start = read_utf8(path, "prompt file", "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
     ids = tok.encode(start)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give a non-empty --start")

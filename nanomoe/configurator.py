@@ -15,6 +15,7 @@ import os
 import sys
 
 from nanomoe.errors import UserError
+from nanomoe.files import read_utf8
 from nanomoe.settings import PLAIN_TYPES, Key, check_value, takes_list
 
 
@@ -42,14 +43,7 @@ def _run_config_source(path, scope, keys, set_keys):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' not found (positional arguments are config files, "
                         f"overrides are written --key=value)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
-                        f"a config file is Python source: save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    source = read_utf8(path, "config file", "a config file is Python source: save it as UTF-8")
     set_keys.update(k for k in _assigned_names(source, path) if k in keys)
     outer_include = scope.get("include")
     folder = os.path.dirname(path)

@@ -101,3 +101,17 @@ def can_create_files(folder):
 def disk_full_message(path):
     return (f"the disk is full: no space left to write {path} (what was there before is unchanged); "
             f"free some space, then run the command again")
+
+
+def read_utf8(path, what, fix):
+    """A user's text file (a config file, a prompt) as str; one line naming the file when it is not UTF-8 or
+    cannot be read. what: 'config file', 'prompt file'; fix: what to do about another encoding."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        f"{fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+
