@@ -18,7 +18,7 @@ Two rounds, so that no figure in the table is the seed the winner was picked on:
      1338 .. 1337 + --seeds. The table reports these only.
 The target is dense-AdamW's final val loss (the mean over the comparison seeds). For each run, the training
 tokens and training wall time at which its val loss first reaches the target (linear between evals) is its
-"time to target"; the ratio divides it by dense-AdamW's mean training wall time for the whole run.
+"time to target"; the ratios divide it by the whole run of dense-AdamW with the same seed.
 
 Runs go to --work/<corpus>/<variant>-s<seed>/. --jobs 2 trains two runs side by side, in the order
 dense, MoE, dense, MoE ... of each round, so a busy machine slows both arms alike. A finished run is read back,
@@ -255,23 +255,23 @@ def selection_table(runs, best):
 
 
 def comparison_table(runs):
-    """One row per arm over the comparison seeds: mean (min – max); steps and time to target against dense-AdamW's
-    whole run."""
-    dense = [r for r in runs if r["variant"] == "dense"]
-    target = statistics.mean(r["final_val"] for r in dense) if dense else None
-    dense_steps = statistics.mean(r["iters"][-1] for r in dense) if dense else None
-    dense_s = statistics.mean(r["train_s"] for r in dense) if dense else None
+    """One row per arm over the comparison seeds: mean (min – max). Steps and time to target are divided by the
+    whole run of dense-AdamW with the same seed, which trained beside the MoE under the same load."""
+    dense = {r["seed"]: r for r in runs if r["variant"] == "dense"}
+    target = statistics.mean(r["final_val"] for r in dense.values()) if dense else None
     seeds = sorted({r["seed"] for r in runs})
     rows = [f"| arm (seeds {seeds[0]}–{seeds[-1]}) | final val loss | train time (s) | reached target | "
             "steps to target | steps / dense steps | time to target (s) | time / dense time |",
             "|---|---|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == arm]
-        hits = [h for h in (time_to_target(r, target) for r in rs) if h] if dense else []
+        hits = [(r["seed"], *h) for r in rs if dense and (h := time_to_target(r, target))]
         cells = ["-"] * 4
         if hits:
-            cells = [spread([h[0] for h in hits], "{:,.0f}"), spread([h[0] / dense_steps for h in hits], "{:.2f}x"),
-                     spread([h[1] for h in hits], "{:.0f}"), spread([h[1] / dense_s for h in hits], "{:.2f}x")]
+            cells = [spread([h[1] for h in hits], "{:,.0f}"),
+                     spread([h[1] / dense[h[0]]["iters"][-1] for h in hits], "{:.2f}x"),
+                     spread([h[2] for h in hits], "{:.0f}"),
+                     spread([h[2] / dense[h[0]]["train_s"] for h in hits], "{:.2f}x")]
         rows.append(f"| {arm} | {spread([r['final_val'] for r in rs])} | {spread([r['train_s'] for r in rs], '{:.0f}')} | "
                     f"{len(hits)} of {len(rs)} | " + " | ".join(cells) + " |")
     return target, "\n".join(rows)
@@ -319,8 +319,8 @@ def page(sections, args):
         "Selection round: every variant on seed 1337; the best MoE (lowest final val loss, in bold) goes on. "
         "Comparison: dense and the best MoE on fresh seeds (mean, then min – max over the seeds that reached the "
         "target). Target: dense-AdamW's mean final val loss. Steps and time to target: where a run's val loss "
-        "first reaches the target (linear between evals), divided by dense-AdamW's whole run (its steps and its "
-        "mean training time).",
+        "first reaches the target (linear between evals), divided by the whole run of dense-AdamW with the same "
+        "seed (its steps, its training time).",
     ]
     for corpus, (selection, comparison, best, target) in sections.items():
         lines += ["", f"## {corpus}", ""]
