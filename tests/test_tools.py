@@ -370,7 +370,7 @@ def test_plot_on_a_full_disk_keeps_the_old_image_and_leaves_no_partial_file(runs
 
 def study_args(tmp_path, data_root, work):
     return ["tools.study", "--corpora=shakespeare_char", "--variants=dense,top2x8-aux,top1x8-switch", "--seeds=2",
-            "--max_iters=4", "--eval_iters=2", "--jobs=2", f"--data_root={data_root}", f"--work={work}",
+            "--max_iters=4", "--eval_iters=2", "--optimizers=adamw", f"--data_root={data_root}", f"--work={work}",
             f"--docs={tmp_path / 'docs'}"]
 
 
@@ -403,18 +403,22 @@ def test_study_selects_on_one_seed_compares_on_fresh_ones_and_continues(tmp_path
     assert "== " not in again.stdout and (tmp_path / "docs" / "study.md").read_text() == page
 
     # an interrupted study continues: a run stopped after its first checkpoint is resumed, not restarted, and
-    # ends where the uninterrupted run ended
+    # ends where the uninterrupted run ended; Muon arms asked for later are the only runs added
     work = tmp_path / "work2"
     shutil.copytree(tmp_path / "work", work)
-    args2 = args[:-2] + [f"--work={work}", f"--docs={tmp_path / 'docs2'}"]
+    args2 = [a for a in args[:-2] if a != "--optimizers=adamw"] + [f"--work={work}", f"--docs={tmp_path / 'docs2'}"]
     flags = study.train_flags("shakespeare_char", "dense", "adamw", 1338, study.parse_args(args2[1:]))
     shutil.rmtree(flags["out_dir"])
     partial = {**flags, "max_iters": 2, "eval_interval": 2}  # the same run, stopped after its step-2 checkpoint
     run(["train.py"] + [f"--{k}={v}" for k, v in partial.items()], cwd=tmp_path)
     continued = run(args2, cwd=tmp_path)
-    assert continued.stdout.count("== ") == 1 and "== shakespeare_char dense seed 1338 (continued)" in continued.stdout
+    assert continued.stdout.count("== ") == 5 and "== shakespeare_char dense seed 1338 (continued)" in continued.stdout
     resumed = json.loads((work / "shakespeare_char" / "summary.json").read_text())
-    assert [r["final_val"] for r in resumed["comparison"]] == [r["final_val"] for r in summary["comparison"]]
+    assert [(r["variant"], r["seed"]) for r in resumed["comparison"]] == [
+        (arm, seed) for seed in (1338, 1339) for arm in ("dense", best, "dense+muon", f"{best}+muon")]
+    adamw = [r["final_val"] for r in resumed["comparison"] if "+muon" not in r["variant"]]
+    assert adamw == [r["final_val"] for r in summary["comparison"]]
+    assert f"| {best}+muon | " in (tmp_path / "docs2" / "study.md").read_text()
 
 
 @pytest.mark.parametrize("arg, message", [("--variants=dense,top9x8", "unknown variants top9x8"),

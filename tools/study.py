@@ -5,7 +5,7 @@ the same data, steps, schedule and seeds, compared on val loss at equal tokens a
 
     python -m tools.study --force                            # CPU scale, both char corpora -> docs/study.md
     python -m tools.study --corpora shakespeare_char --variants dense,top2x8-aux --seeds 1 --docs out-docs
-    python -m tools.study --optimizers adamw,muon --force    # every compared arm also with Muon
+    python -m tools.study --optimizers adamw --jobs 1 --docs out-docs   # AdamW only, one run at a time
 
 Every variant's FFN does the same work per token: the dense SwiGLU MLP has hidden size F, and an MoE layer runs
 k experts of hidden F/k (shared experts counted), so the active compute per token is equal up to the router's
@@ -72,7 +72,7 @@ VARIANTS = {
     "top3x16+1-fine": moe(16, 3, 4, n_shared_experts=1, balance_mode="aux"),
     "top2x8-auxfree-sigmoid": moe(8, 2, 2, balance_mode="aux_free", router_score="sigmoid"),
 }
-DEFAULT_VARIANTS = "dense,top2x8-aux,top2x8-auxfree,top1x8-switch,top3x16+1-fine"
+DEFAULT_VARIANTS = "dense,top2x8-aux,top2x8-auxfree,top3x16+1-fine"
 CORPORA = ("shakespeare_char", "pystdlib_char", "pystdlib_gpt2")
 OPTIMIZERS = ("adamw", "muon")
 
@@ -86,10 +86,12 @@ def parse_args(argv):
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma list of {', '.join(VARIANTS)} (default: {DEFAULT_VARIANTS})")
     p.add_argument("--seeds", type=int, default=3, help="fresh seeds of the comparison round (default 3)")
-    p.add_argument("--optimizers", default="adamw",
-                   help="comma list of adamw, muon: the comparison round trains dense and the best MoE with each")
-    p.add_argument("--muon_lr", type=float, default=0.02, help="muon_lr of the Muon arms (default 0.02)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained side by side (default 1)")
+    p.add_argument("--optimizers", default="adamw,muon",
+                   help="comma list of adamw, muon: the comparison round trains dense and the best MoE with each "
+                   "(default adamw,muon)")
+    p.add_argument("--muon_lr", type=float, default=0.005,
+                   help="muon_lr of the Muon arms (default 0.005, tuned in docs/muon.md)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default 2)")
     p.add_argument("--max_iters", type=int, help="override the scale's optimizer steps")
     p.add_argument("--eval_iters", type=int, help="override the scale's eval batches per split (fewer: quicker, "
                    "noisier curves)")
