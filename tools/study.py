@@ -37,6 +37,7 @@ from types import SimpleNamespace
 
 from nanomoe.cli import ArgumentParser, pyplot, run_cli
 from nanomoe.errors import UserError
+from nanomoe.files import atomic_write
 from nanomoe.metrics import read_metrics
 from model import mlp_hidden_size
 
@@ -298,7 +299,8 @@ def plot(runs, corpus, path):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{corpus}: dense vs the best MoE at equal active compute (comparison seeds, one line each)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as f:  # a full disk leaves the old image, not a truncated one
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -349,10 +351,10 @@ def main(argv=None):
         target, table = comparison_table(comparison) if comparison else (None, "")
         sections[corpus] = (selection, comparison, best, target)
         plot(comparison or selection, corpus, plot_path(args, corpus))
-        with open(os.path.join(args.work, corpus, "summary.json"), "w") as f:
+        with atomic_write(os.path.join(args.work, corpus, "summary.json"), "w") as f:
             json.dump({"selection": selection, "comparison": comparison, "best": best, "target": target}, f)
         print(f"{corpus}: best MoE {best}\n{selection_table(selection, best)}\n{table}", flush=True)
-    with open(os.path.join(args.docs, "study.md"), "w") as f:
+    with atomic_write(os.path.join(args.docs, "study.md"), "w", encoding="utf-8") as f:
         f.write(page(sections, args))
     print(f"wrote {os.path.join(args.docs, 'study.md')}")
 
