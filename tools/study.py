@@ -311,7 +311,7 @@ def page(sections, args):
     lines = [
         "# Routing study: MoE vs dense at equal active compute, per token and on the clock",
         "",
-        "Written by `python -m tools.study " + " ".join(args.command) + "` (the whole page and its plots; "
+        "Written by `" + " ".join(["python -m tools.study"] + args.command) + "` (the whole page and its plots; "
         "add --force to replace them; the method is in the tool's docstring).",
         "",
         f"Scale `{args.scale}`: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, RoPE, RMSNorm, SwiGLU "
@@ -321,8 +321,9 @@ def page(sections, args):
         + (", side by side, dense and MoE runs alternating" if args.jobs > 1 else "") + ".",
         "",
         "Selection round: every variant on seed 1337; the best MoE (lowest final val loss, in bold) goes on. "
-        "Comparison: dense and the best MoE on fresh seeds (mean, then min – max over the seeds that reached the "
-        "target). Target: dense-AdamW's mean final val loss. Steps and time to target: where a run's val loss "
+        "Comparison: dense and the best MoE on fresh seeds: mean (min – max) over the seeds, the columns of the "
+        "target over the seeds that reached it. Wall times follow the machine's load: compare them within one "
+        "round, not across rounds or pages. Target: dense-AdamW's mean final val loss. Steps and time to target: where a run's val loss "
         "first reaches the target (linear between evals), divided by the whole run of dense-AdamW with the same "
         "seed (its steps, its training time).",
     ]
