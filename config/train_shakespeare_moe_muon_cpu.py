@@ -9,9 +9,9 @@ include("train_shakespeare_llama_cpu.py")
 out_dir = "out-shakespeare-moe-muon-cpu"
 n_experts = 8
 moe_top_k = 2
-expert_hidden = 256  # F/2 with F = 4 * n_embd, the study's top2x8-aux
+expert_hidden = 192  # F/2 with F = 384, the dense SwiGLU's hidden: the study's top2x8-aux (equal active compute)
 balance_mode = "aux"
-balance_loss_weight = 0.01
+balance_loss_weight = 0.01  # (the defaults, as in the study)
 z_loss_weight = 0.001
 
 optimizer = "muon"
