@@ -251,14 +251,20 @@ def test_expert_load_is_read_per_layer(runs):
     assert sum(last[0]) == pytest.approx(1.0)
 
 
+def plot_with_appended(run_dir, text, tmp_path, capsys):
+    """tools.plot on a copy of run_dir whose metrics.jsonl ends with text; -> (exit code, stdout, stderr)."""
+    live = tmp_path / "live"
+    shutil.copytree(run_dir, live)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write(text)
+    return plot_cli([live, "-o", tmp_path / "live.png"], capsys)
+
+
 @needs_matplotlib
 @pytest.mark.slow  # drawing takes seconds
 def test_a_run_being_written_is_plotted(runs, tmp_path, capsys):
-    live = tmp_path / "live"
-    shutil.copytree(runs[1], live)
-    with open(live / "metrics.jsonl", "a") as f:
-        f.write('{"type": "train", "iter": 4, "time": 17')  # train.py is in the middle of this line
-    code, _, err = plot_cli([live, "-o", tmp_path / "live.png"], capsys)
+    # train.py is in the middle of the last line
+    code, _, err = plot_with_appended(runs[1], '{"type": "train", "iter": 4, "time": 17', tmp_path, capsys)
     assert code == 0 and err == "", err
     assert_png(tmp_path / "live_experts.png")
 
@@ -315,13 +321,10 @@ def test_damaged_metrics_records_are_skipped_with_a_warning_naming_the_line(runs
 @needs_matplotlib
 @pytest.mark.slow  # drawing takes seconds
 def test_a_damaged_record_still_plots_the_rest(runs, tmp_path, capsys):
-    live = tmp_path / "run"
-    shutil.copytree(runs[1], live)
-    with open(live / "metrics.jsonl", "a") as f:
-        f.write(DAMAGED_RECORDS["string-iter"] + "\n" + DAMAGED_RECORDS["empty-expert_load"] + "\n")
-    code, out, err = plot_cli([live, "-o", tmp_path / "x.png"], capsys)
+    damaged = DAMAGED_RECORDS["string-iter"] + "\n" + DAMAGED_RECORDS["empty-expert_load"] + "\n"
+    code, out, err = plot_with_appended(runs[1], damaged, tmp_path, capsys)
     assert code == 0 and err.count("warning: ") == 2, err
-    assert_png(tmp_path / "x_experts.png")
+    assert_png(tmp_path / "live_experts.png")
 
 
 @needs_matplotlib
