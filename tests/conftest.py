@@ -61,7 +61,7 @@ def pytest_configure(config):
                                        "whole-study tests; `pytest -m 'not slow'` skips them for a quick loop")
 
 
-# GPT-2's BPE offline: tiktoken reads its files from TIKTOKEN_CACHE_DIR (.ci/run sets it when ../shared has them)
+# GPT-2's BPE offline: tiktoken reads its files from TIKTOKEN_CACHE_DIR; without it these tests skip with a reason
 needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
                                 reason="GPT-2 BPE needs tiktoken's files offline: set TIKTOKEN_CACHE_DIR to a "
                                        "folder that holds them")
