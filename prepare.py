@@ -31,7 +31,7 @@ import requests
 
 from nanomoe.cli import ArgumentParser, Progress, run_cli
 from nanomoe.errors import UserError
-from nanomoe.files import atomic_write
+from nanomoe.files import atomic_write, missing_folder, remove_if_empty
 from nanomoe.tokenizer import GPT2_EOT, Tokenizer, token_dtype, write_meta
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -160,25 +160,6 @@ def download(url, dest, retries, timeout, dataset):
     remove_if_empty(created)  # a failed download leaves no empty dataset folder
     raise UserError(f"could not download tiny-shakespeare from {url} ({describe(error)}); download it by hand "
                     f"and run: python prepare.py {dataset} --input path/to/input.txt")
-
-
-def missing_folder(folder):
-    """The outermost folder of `folder`'s path that does not exist yet (None if folder exists): what a failure
-    must remove again."""
-    folder, missing = os.path.abspath(folder), None
-    while not os.path.exists(folder):
-        folder, missing = os.path.dirname(folder), folder
-    return missing
-
-
-def remove_if_empty(created):
-    """Remove the folders we created (created = the outermost of them) if nothing was left in them."""
-    if created is None:
-        return
-    for root, dirs, files in os.walk(created, topdown=False):
-        if files:
-            return
-        os.rmdir(root)
 
 
 def already_prepared(out_dir, kind):

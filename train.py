@@ -204,7 +204,6 @@ def main():
             break
     else:
         check_nonfinite(nonfinite, run)
-        evaluated = None
         if last_eval_iter != iter_num:  # the final model is always evaluated (and saved by the usual rule)
             evaluated = evaluate_and_log(run, iter_num, best_val_loss, tokens_per_iter)
             if evaluated is None:

@@ -34,8 +34,8 @@ import torch
 
 from nanomoe.errors import UserError
 from nanomoe.factory import build_model, model_keys
-from nanomoe.files import (atomic_write, check_writable_folder, disk_full_message, is_disk_full, replace_durably,
-                           temp_path)
+from nanomoe.files import (atomic_write, check_writable_folder, disk_full_message, is_disk_full, missing_folder,
+                           remove_if_empty, replace_durably, temp_path)
 
 
 def clean_state_dict(state_dict):
@@ -210,11 +210,6 @@ def restore_training_state(ckpt, optimizer, scaler, batch_gen, proc):
 # -----------------------------------------------------------------------------
 # the run's folder (out_dir): locked first, before anything that depends on what it holds is decided
 
-def check_out_dir(out_dir):
-    """Fail early, before any training, if out_dir cannot be used; it is created only when first written."""
-    check_writable_folder(out_dir, "out_dir")
-
-
 class OutDirLock:
     """One run per out_dir at a time: an exclusive lock on out_dir/.lock for as long as this process lives.
     The OS releases it when the process ends in any way, so a kill -9 leaves no stale lock behind.
@@ -225,13 +220,9 @@ class OutDirLock:
     are as they were (a folder it created is removed again). start() is the point of no return."""
 
     def __init__(self, out_dir):
-        check_out_dir(out_dir)
+        check_writable_folder(out_dir, "out_dir")  # before any training: one line if it cannot be used
         self.out_dir, self.path = out_dir, os.path.join(out_dir, ".lock")
-        self.created = []  # folders this lock created, outermost first (removed again if the run never starts)
-        missing = os.path.abspath(out_dir)
-        while not os.path.exists(missing):
-            self.created.insert(0, missing)
-            missing = os.path.dirname(missing)
+        self.created = missing_folder(out_dir)  # what this lock creates (removed again if the run never starts)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:  # a special filesystem (/proc, /sys) or a read-only one that os.access misjudged
@@ -278,11 +269,7 @@ class OutDirLock:
                     f.write(self.previous)
             self.file.close()  # releases the lock
             self.file = None
-        for folder in reversed(self.created):
-            try:
-                os.rmdir(folder)  # only while empty: nothing of anybody's goes
-            except OSError:
-                break
+        remove_if_empty(self.created)  # only while empty: nothing of anybody's goes
 
     def start(self):
         """The run starts writing: remove what saves a kill cut short left (remove_leftovers)."""
@@ -300,13 +287,6 @@ class OutDirLock:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-
-def open_out_dir(out_dir):
-    """Create out_dir, take its lock and clear the leftovers of killed saves: -> the lock (close() it)."""
-    lock = OutDirLock(out_dir)
-    lock.start()
-    return lock
 
 
 TEMP_FILE = re.compile(r"\.tmp-.+")  # files_.temp_path's names, and the new link of a sharded save

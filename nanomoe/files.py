@@ -115,3 +115,25 @@ def read_utf8(path, what, fix):
     except OSError as e:
         raise UserError(f"cannot read {what} '{path}': {e.strerror or e}") from None
 
+
+def missing_folder(folder):
+    """The outermost folder of `folder`'s path that does not exist yet (None if folder exists): what a failure
+    must remove again."""
+    folder, missing = os.path.abspath(folder), None
+    while not os.path.exists(folder):
+        folder, missing = os.path.dirname(folder), folder
+    return missing
+
+
+def remove_if_empty(created):
+    """Remove the folders we created (created = the outermost of them, missing_folder's answer before we made
+    them) if nothing was left in them: a failure leaves no empty folder of ours behind."""
+    if created is None:
+        return
+    for root, dirs, files in os.walk(created, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(root)
+        except OSError:  # something appeared in it meanwhile: it is not ours alone any more
+            return

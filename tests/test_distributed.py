@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from conftest import REPO, HostSyncs, assert_ok, read_metrics, run_script, torchrun
 from moe_model import MoEConfig, MoEGPT
-from nanomoe.checkpoint import SHARDED, load_checkpoint, open_out_dir
+from nanomoe.checkpoint import SHARDED, OutDirLock, load_checkpoint
 from nanomoe.data import TokenData
 from nanomoe.distributed import expert_parallel, parallel
 from nanomoe.distributed.checkpoint import consolidate
@@ -608,8 +608,11 @@ def test_sigkill_during_sharded_saves_leaves_a_loadable_checkpoint(shakespeare_d
     # loadable: every tensor read back into one process (what a resume at any world size does)
     ckpt = consolidated(out, "loaded.pt")
     assert ckpt["iter_num"] == iter_num >= 3 and len(ckpt["rng"]) == 2
-    # and the next run on out_dir clears what the cut-short saves left, keeping the linked one
-    open_out_dir(out).close()
+    # and the next run on out_dir (its lock taken, then started) clears what the cut-short saves left, keeping
+    # the linked one
+    lock = OutDirLock(out)
+    lock.start()
+    lock.close()
     assert sorted(p.name for p in out.glob("*.dcp")) == [target, SHARDED]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
 
